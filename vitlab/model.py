@@ -1,0 +1,260 @@
+"""The Vision Transformer, as a plain `nn.Module` that knows nothing of training.
+
+Reads top to bottom: PatchEmbed -> Attention -> Mlp -> Block -> ViT, then the config.
+Input is a normalised float image batch (B, C, H, W); output is logits (B, num_classes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LAYER_NORM_EPS = 1e-6  # timm's value, so weights move between the two unchanged
+
+
+@dataclass
+class ViTConfig:
+    image_size: int = 32  # input height and width in pixels
+    patch_size: int = 4  # each token is a patch_size x patch_size x in_channels patch
+    in_channels: int = 3
+    num_classes: int = 10
+    dim: int = 192  # token width
+    depth: int = 6  # number of encoder blocks
+    heads: int = 3  # attention heads; head_dim = dim // heads
+    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * dim
+    dropout: float = 0.0  # after attention projection and in the MLP
+    emb_dropout: float = 0.0  # on the token embeddings, before the first block
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not a multiple of heads {self.heads}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+class PatchEmbed(nn.Module):
+    """Cut the image into non-overlapping patches and project each one linearly to `dim`.
+
+    A convolution whose kernel equals its stride is exactly "flatten each patch, then Linear".
+    """
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        p = config.patch_size
+        self.proj = nn.Conv2d(config.in_channels, config.dim, kernel_size=p, stride=p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)  # (B, D, H/p, W/p)
+        return x.flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class Attention(nn.Module):
+    """Standard multi-head self-attention: one fused q/k/v projection, heads by reshape.
+
+    Scores are scaled by 1/sqrt(head_dim) (inside scaled_dot_product_attention).
+    """
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.heads = config.heads
+        self.qkv = nn.Linear(config.dim, 3 * config.dim)
+        self.proj = nn.Linear(config.dim, config.dim)
+        self.proj_drop = nn.Dropout(config.dropout)
+
+    def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, N, head_dim)
+
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The softmax attention matrix (B, heads, N, N), for inspection only."""
+        q, k, _ = self.split_heads(x)
+        return (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        q, k, v = self.split_heads(x)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
+        x = x.transpose(1, 2).reshape(B, N, D)
+        return self.proj_drop(self.proj(x))
+
+
+class Mlp(nn.Module):
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        hidden = int(config.dim * config.mlp_ratio)
+        self.fc1 = nn.Linear(config.dim, hidden)
+        self.fc2 = nn.Linear(hidden, config.dim)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop(F.gelu(self.fc1(x)))
+        return self.drop(self.fc2(x))
+
+
+class Block(nn.Module):
+    """Pre-norm encoder block: x + Attention(LN(x)), then x + Mlp(LN(x))."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
+        self.attn = Attention(config)
+        self.norm2 = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
+        self.mlp = Mlp(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """Vision Transformer with a class token, learned position embedding and a linear head.
+
+    `load_model` also sets `class_names` and the normalisation (`image_mean`, `image_std`) that the
+    weights were trained with; a freshly built model has them as None.
+    """
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.config = config
+        self.class_names: list[str] | None = None
+        self.image_mean: tuple[float, ...] | None = None
+        self.image_std: tuple[float, ...] | None = None
+
+        self.patch_embed = PatchEmbed(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.dim))
+        self.emb_drop = nn.Dropout(config.emb_dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.depth)])
+        self.norm = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
+        self.head = nn.Linear(config.dim, config.num_classes)
+        self.init_weights()
+
+    def init_weights(self):
+        # Small truncated-normal weights and zero biases, as in timm: a deep pre-norm stack then
+        # starts close to the identity and trains stably without warm-up tricks.
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        # A zero head makes every class equally likely at the start (loss = log(num_classes)).
+        nn.init.zeros_(self.head.weight)
+
+    # Parameters that are embeddings rather than weights: the optimiser does not decay them.
+    no_weight_decay = ("cls_token", "pos_embed")
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)  # (B, N, D)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, N+1, D)
+        return self.emb_drop(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image batch (B, C, H, W) -> normalised tokens (B, N+1, D), class token first."""
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, N+1, D) -> logits (B, num_classes), from the class token."""
+        return self.head(tokens[:, 0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @torch.no_grad()
+    def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each block's attention matrix, a list of depth tensors (B, heads, N+1, N+1)."""
+        maps = []
+        x = self.embed(x)
+        for block in self.blocks:
+            maps.append(block.attn.attention_weights(block.norm1(x)))
+            x = block(x)
+        return maps
+
+    @classmethod
+    def from_timm(cls, timm_model: nn.Module) -> "ViT":
+        """A ViT holding the weights of a timm `VisionTransformer` with class-token pooling.
+
+        Only the plain architecture maps one-to-one; anything else (register tokens, layer scale,
+        qk-norm, average pooling ...) is refused rather than silently dropped.
+        """
+        t = timm_model
+        unsupported = {
+            "global_pool must be 'token'": t.global_pool != "token",
+            "needs a class token": t.cls_token is None or getattr(t, "num_reg_tokens", 0) > 0,
+            "position embedding must include the class token": getattr(t, "no_embed_class", False),
+            "pre-norm, fc-norm, qk-norm and layer scale are not supported": not all(
+                isinstance(m, nn.Identity)
+                for m in [t.norm_pre, t.fc_norm]
+                + [b.ls1 for b in t.blocks]
+                + [b.attn.q_norm for b in t.blocks]
+            ),
+        }
+        for reason, failed in unsupported.items():
+            if failed:
+                raise ValueError(f"cannot convert this timm model: {reason}")
+
+        patch = t.patch_embed.proj.kernel_size[0]
+        config = ViTConfig(
+            image_size=t.patch_embed.img_size[0],
+            patch_size=patch,
+            in_channels=t.patch_embed.proj.in_channels,
+            num_classes=t.head.out_features,
+            dim=t.embed_dim,
+            depth=len(t.blocks),
+            heads=t.blocks[0].attn.num_heads,
+            mlp_ratio=t.blocks[0].mlp.fc1.out_features / t.embed_dim,
+        )
+        model = cls(config)
+
+        names = {"patch_embed.proj": "patch_embed.proj", "norm": "norm", "head": "head"}
+        for i in range(config.depth):
+            for ours, theirs in [("norm1", "norm1"), ("attn.qkv", "attn.qkv"), ("attn.proj", "attn.proj"),
+                                 ("norm2", "norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")]:
+                names[f"blocks.{i}.{ours}"] = f"blocks.{i}.{theirs}"
+        mapping = {"cls_token": "cls_token", "pos_embed": "pos_embed"}
+        for ours, theirs in names.items():
+            mapping[f"{ours}.weight"] = f"{theirs}.weight"
+            mapping[f"{ours}.bias"] = f"{theirs}.bias"
+
+        source = t.state_dict()
+        target = model.state_dict()
+        assert set(mapping) == set(target), f"unmapped parameters: {set(target) ^ set(mapping)}"
+        for ours, theirs in mapping.items():
+            assert source[theirs].shape == target[ours].shape, (
+                f"{theirs}: timm shape {tuple(source[theirs].shape)} != vitlab shape {tuple(target[ours].shape)}"
+            )
+            target[ours] = source[theirs]
+        model.load_state_dict(target)
+        return model
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_image(self) -> int:
+        """Floating-point operations of one forward pass on one image (a multiply-add is 2)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        c = self.config
+        x = torch.zeros(1, c.in_channels, c.image_size, c.image_size, device=self.head.weight.device)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            self(x)
+        return counter.get_total_flops()
+
+    def config_dict(self) -> dict:
+        return asdict(self.config)

@@ -1,0 +1,102 @@
+"""The LightningModule: loss, metrics, optimiser and schedule around a ViT. It knows nothing of data."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from vitlab.model import ViT, ViTConfig
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # peak learning rate, reached after warm-up
+    min_lr: float = 1e-5  # the cosine schedule ends here
+    weight_decay: float = 0.05  # AdamW decay, applied only to weight matrices (see param_groups)
+    beta1: float = 0.9
+    beta2: float = 0.999
+    warmup_epochs: float = 0.0  # linear warm-up from 0 to lr, in epochs (fractions allowed)
+    label_smoothing: float = 0.0
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """The decay rule, in one place: weight matrices and conv kernels decay; biases, norms and the
+    embedding-like parameters the model lists in `no_weight_decay` do not."""
+    skip = set(getattr(model, "no_weight_decay", ()))
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and name not in skip else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(progress: float, warmup: float, min_ratio: float) -> float:
+    """LR multiplier at `progress` in [0, 1] of training: linear warm-up over the first `warmup`
+    fraction, then a cosine from 1 down to min_ratio at the end."""
+    if progress < warmup:
+        return progress / warmup
+    t = min(1.0, (progress - warmup) / max(1e-8, 1.0 - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+class Classifier(L.LightningModule):
+    """Trains a ViT for image classification.
+
+    The hyperparameters saved in every checkpoint (model config, optimiser config, class names and
+    input normalisation) are all that is needed to rebuild and use the model.
+    """
+
+    def __init__(self, model: dict, optim: dict, class_names: list[str], image_mean: list, image_std: list):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = ViT(ViTConfig(**model))
+        self.model.class_names = list(class_names)
+        self.model.image_mean, self.model.image_std = tuple(image_mean), tuple(image_std)
+        self.optim = OptimConfig(**optim)
+        num_classes = len(class_names)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        logits = self.model(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.optim.label_smoothing)
+        self.train_acc(logits, labels)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        images, labels = batch
+        logits = self.model(images)
+        self.val_acc(logits, labels)
+        self.log("val_loss", F.cross_entropy(logits, labels), on_epoch=True, prog_bar=True)
+        self.log("val_acc", self.val_acc, on_epoch=True, prog_bar=True)
+
+    def configure_optimizers(self):
+        o = self.optim
+        optimizer = torch.optim.AdamW(
+            param_groups(self.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2)
+        )
+        total_steps = self.trainer.estimated_stepping_batches
+        steps_per_epoch = total_steps / max(1, self.trainer.max_epochs)
+        warmup = min(1.0, o.warmup_epochs * steps_per_epoch / total_steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step / total_steps, warmup, o.min_lr / o.lr)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    @staticmethod
+    def hparams_for(model_config: ViTConfig, optim: OptimConfig, classes, mean, std) -> dict:
+        return dict(model=asdict(model_config), optim=asdict(optim), class_names=list(classes),
+                    image_mean=list(mean), image_std=list(std))

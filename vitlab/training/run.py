@@ -1,0 +1,116 @@
+"""A training run: one directory holding its config, checkpoints, metrics and TensorBoard events.
+
+    RUN_DIR/config.yaml                 the full resolved config
+    RUN_DIR/checkpoints/last.ckpt       written every epoch; --resume continues from it
+    RUN_DIR/checkpoints/best.ckpt       best validation accuracy so far
+    RUN_DIR/metrics.csv                 one row per epoch
+    RUN_DIR/tensorboard/                TensorBoard events
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from vitlab import config as configs
+from vitlab.config import RunConfig
+from vitlab.data.datamodule import ImageDataModule
+from vitlab.errors import VitlabError
+from vitlab.training.module import Classifier
+
+METRIC_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "elapsed_s"]
+
+
+class MetricsCSV(L.Callback):
+    """Appends one row per epoch to RUN_DIR/metrics.csv, flushed at once, so a run that is still
+    going (or was resumed) can be read and plotted; earlier rows are never rewritten."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.start = time.monotonic()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule):
+        m = trainer.callback_metrics
+        row = {
+            "epoch": trainer.current_epoch,
+            "step": trainer.global_step,
+            "lr": trainer.optimizers[0].param_groups[0]["lr"],
+            "train_loss": m.get("train_loss_epoch"),
+            "train_acc": m.get("train_acc"),
+            "val_loss": m.get("val_loss"),
+            "val_acc": m.get("val_acc"),
+            "elapsed_s": round(time.monotonic() - self.start, 1),
+        }
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+            if new:
+                writer.writeheader()
+            writer.writerow({k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in row.items()})
+
+
+def default_precision() -> str:
+    # bf16 matmuls are ~100x slower than fp32 on CPUs without AVX512-BF16: only use them on a GPU.
+    return "bf16-mixed" if torch.cuda.is_available() else "32-true"
+
+
+def prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> Path | None:
+    """Check the run directory; return the checkpoint to resume from (None for a new run).
+
+    A new run refuses a directory that already holds a run, so nothing the user had is overwritten.
+    """
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if resume:
+        if not last.is_file():
+            raise VitlabError(f"cannot resume: {last} does not exist (train without --resume first)")
+        return last
+    if last.exists() or (run_dir / "config.yaml").exists():
+        raise VitlabError(f"run directory {run_dir} already holds a run: use --resume, or another --run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    configs.save(config, run_dir / "config.yaml")
+    return None
+
+
+def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
+    """Train a new run, or resume one (then `config` is the run's saved config); returns the path
+    of its last checkpoint."""
+    ckpt_path = prepare_run_dir(run_dir, config, resume)
+    L.seed_everything(config.trainer.seed, workers=True, verbose=False)
+
+    datamodule = ImageDataModule(config.data, config.model.image_size)
+    datamodule.setup("fit")
+    model_config = dataclasses.replace(config.model, num_classes=len(datamodule.classes))
+    module = Classifier(**Classifier.hparams_for(
+        model_config, config.optim, datamodule.classes, datamodule.mean, datamodule.std))
+    if config.trainer.compile:
+        module.model.compile()  # in place: parameter names, and so checkpoints, stay the same
+
+    t = config.trainer
+    callbacks = [
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_acc", mode="max",
+                        save_last=True, enable_version_counter=False),
+        LearningRateMonitor(logging_interval="step"),
+        MetricsCSV(run_dir / "metrics.csv"),
+    ]
+    if t.early_stopping_patience is not None:
+        callbacks.append(EarlyStopping(monitor="val_loss", mode="min", patience=t.early_stopping_patience))
+    trainer = L.Trainer(
+        default_root_dir=run_dir,
+        max_epochs=t.max_epochs,
+        max_time=t.max_time,
+        precision=default_precision() if t.precision == "auto" else t.precision,
+        gradient_clip_val=t.gradient_clip,
+        callbacks=callbacks,
+        logger=TensorBoardLogger(save_dir=run_dir, name="", version="tensorboard"),
+        log_every_n_steps=10,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return run_dir / "checkpoints" / "last.ckpt"
