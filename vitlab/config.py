@@ -82,6 +82,11 @@ def coerce(value, hint, key: str):
             return value
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if t is float and isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if t is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     names = " or ".join("null" if t is type(None) else t.__name__ for t in options)
@@ -135,8 +140,13 @@ def resolve(preset: str | None = None, config_file: Path | None = None, flags: d
         config = apply(config, read_yaml(Path(config_file), "config file"), str(config_file))
     if flags:
         config = apply(config, flags, "command-line flags")
-    for text in overrides:
-        config = apply(config, parse_override(text), f"'{text}'")
+    if overrides:
+        # Applied together, so that e.g. model.dim=32 model.heads=2 is never checked half-way.
+        merged: dict = {}
+        for text in overrides:
+            for section, entries in parse_override(text).items():
+                merged.setdefault(section, {}).update(entries)
+        config = apply(config, merged, "key=value overrides")
     return config
 
 

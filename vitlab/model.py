@@ -248,11 +248,16 @@ class ViT(nn.Module):
 
     def flops_per_image(self) -> int:
         """Floating-point operations of one forward pass on one image (a multiply-add is 2)."""
-        from torch.utils.flop_counter import FlopCounterMode
+        from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+        # The flop counter knows the GPU attention kernels but not the CPU one: teach it.
+        cpu_attention = {
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: (
+                lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v))
+        }
         c = self.config
         x = torch.zeros(1, c.in_channels, c.image_size, c.image_size, device=self.head.weight.device)
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
+        with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter, torch.no_grad():
             self(x)
         return counter.get_total_flops()
 

@@ -62,7 +62,7 @@ def default_precision() -> str:
 
 
 def prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> Path | None:
-    """Check the run directory; return the checkpoint to resume from (None for a new run).
+    """Check the run directory (writing nothing); return the checkpoint to resume from, or None.
 
     A new run refuses a directory that already holds a run, so nothing the user had is overwritten.
     """
@@ -73,8 +73,6 @@ def prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> Path | No
         return last
     if last.exists() or (run_dir / "config.yaml").exists():
         raise VitlabError(f"run directory {run_dir} already holds a run: use --resume, or another --run-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    configs.save(config, run_dir / "config.yaml")
     return None
 
 
@@ -86,6 +84,9 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
 
     datamodule = ImageDataModule(config.data, config.model.image_size)
     datamodule.setup("fit")
+    if not resume:  # only once the data has loaded, so a bad data set leaves no half-made run behind
+        run_dir.mkdir(parents=True, exist_ok=True)
+        configs.save(config, run_dir / "config.yaml")
     model_config = dataclasses.replace(config.model, num_classes=len(datamodule.classes))
     module = Classifier(**Classifier.hparams_for(
         model_config, config.optim, datamodule.classes, datamodule.mean, datamodule.std))

@@ -1,0 +1,196 @@
+"""End to end through the CLI: train on tiny generated images -> checkpoint -> eval -> predict -> resume,
+and every bad input gives a one-line error and a non-zero exit."""
+
+import csv
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from vitlab import ViT, load_model
+from vitlab.cli import main
+from tests.conftest import write_image_folder
+
+TINY = ["model.dim=32", "model.depth=1", "model.heads=2", "model.patch_size=8", "data.batch_size=8"]
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One tiny training run shared by the tests that only read it."""
+    tmp = tmp_path_factory.mktemp("run")
+    images = write_image_folder(tmp / "images", per_class=12)
+    run_dir = tmp / "run"
+    assert main(["train", "--data", f"folder:{images}", "--max-epochs", "2", "--run-dir", str(run_dir),
+                 "--val-fraction", "0.25", f"data.cache_dir={tmp / 'cache'}", *TINY]) == 0
+    return images, run_dir
+
+
+def read_metrics(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_train_writes_the_run_directory(trained_run):
+    _, run_dir = trained_run
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    rows = read_metrics(run_dir)
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert all(r["train_loss"] and r["val_acc"] and r["lr"] for r in rows)
+
+
+def test_checkpoint_holds_config_and_class_names(trained_run):
+    _, run_dir = trained_run
+    model = load_model(run_dir / "checkpoints" / "last.ckpt")
+    assert isinstance(model, ViT) and not model.training
+    assert model.class_names == ["blue", "green", "red"]
+    assert model.config.dim == 32 and model.config.num_classes == 3
+    assert len(model.image_mean) == 3 and len(model.image_std) == 3
+
+
+def test_eval_json_agrees_with_training_validation(trained_run, capsys, tmp_path):
+    images, run_dir = trained_run
+    code, out, _ = run_cli(capsys, "eval", "--checkpoint", run_dir / "checkpoints" / "last.ckpt",
+                           "--data", f"folder:{images}", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert set(result) >= {"accuracy", "loss", "per_class", "n"}
+    assert result["n"] == 36 and set(result["per_class"]) == {"blue", "green", "red"}
+    assert 0 <= result["accuracy"] <= 1
+    # Human-readable form too.
+    code, out, _ = run_cli(capsys, "eval", "--checkpoint", run_dir / "checkpoints" / "last.ckpt",
+                           "--data", f"folder:{images}")
+    assert code == 0 and "accuracy" in out and "green" in out
+
+
+def test_the_tiny_run_learned_the_colours(tmp_path, capsys):
+    images = write_image_folder(tmp_path / "images", per_class=24)
+    run_dir = tmp_path / "run"
+    code, _, _ = run_cli(capsys, "train", "--data", f"folder:{images}", "--max-epochs", "6", "--run-dir", run_dir,
+                         *TINY, "optim.lr=3e-3", "optim.min_lr=3e-4")
+    assert code == 0
+    assert float(read_metrics(run_dir)[-1]["val_acc"]) > 0.9
+
+
+def test_predict_top_k_json_and_text(trained_run, capsys):
+    images, run_dir = trained_run
+    ckpt = run_dir / "checkpoints" / "best.ckpt"
+    code, out, _ = run_cli(capsys, "predict", "--checkpoint", ckpt, "--top-k", "2", "--json",
+                           images / "red" / "0.png", images / "blue")
+    assert code == 0
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert len(lines) == 1 + 12
+    assert lines[0]["path"].endswith("red/0.png")
+    top = lines[0]["top"]
+    assert len(top) == 2 and top[0]["probability"] >= top[1]["probability"]
+    assert {t["class"] for t in top} <= {"red", "green", "blue"}
+    code, out, _ = run_cli(capsys, "predict", "--checkpoint", ckpt, images / "red" / "0.png")
+    assert code == 0 and out.startswith(str(images / "red" / "0.png"))
+
+
+def test_resume_continues_from_last_checkpoint(tmp_path, capsys):
+    images = write_image_folder(tmp_path / "images", per_class=8)
+    run_dir = tmp_path / "run"
+    args = ["train", "--data", f"folder:{images}", "--run-dir", run_dir, *TINY]
+    assert run_cli(capsys, *args, "--max-epochs", "1")[0] == 0
+    first = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    code, _, _ = run_cli(capsys, "train", "--resume", "--run-dir", run_dir, "--max-epochs", "2")
+    assert code == 0
+    resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == 2 * first["global_step"]
+    assert [r["epoch"] for r in read_metrics(run_dir)] == ["0", "1"]
+    # A finished run is not overwritten by a new one in the same directory.
+    code, _, err = run_cli(capsys, *args, "--max-epochs", "1")
+    assert code == 1 and "already holds a run" in err
+
+
+def test_info_reports_parameters_and_flops(trained_run, capsys):
+    code, out, _ = run_cli(capsys, "info", "--preset", "tutorial-cpu")
+    assert code == 0 and "parameters: 12,674,570" in out and "GFLOP" in out
+    code, out, _ = run_cli(capsys, "info", "--checkpoint", trained_run[1] / "checkpoints" / "last.ckpt")
+    assert code == 0 and "3 classes" in out
+
+
+def bad_inputs(tmp_path, images, ckpt):
+    not_ckpt = tmp_path / "notes.ckpt"
+    not_ckpt.write_text("hello")
+    other_pickle = tmp_path / "weights.ckpt"
+    torch.save({"state_dict": {}}, other_pickle)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_images = write_image_folder(tmp_path / "noimg", per_class=2)
+    (no_images / "purple").mkdir()
+    corrupt = write_image_folder(tmp_path / "corrupt", per_class=4, fmt="jpg")
+    (corrupt / "red" / "bad.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    unknown_class = write_image_folder(tmp_path / "unknown", per_class=2)
+    (unknown_class / "red").rename(unknown_class / "purple")
+    text = tmp_path / "readme.txt"
+    text.write_text("not an image")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model: {dim: [\n")
+    return [
+        (["train", "--data", f"folder:{tmp_path / 'missing'}"], "data folder .*missing does not exist"),
+        (["train", "--data", f"folder:{empty}"], "has no class folders"),
+        (["train", "--data", f"folder:{no_images}"], "class folder .*purple has no images"),
+        (["train", "--data", f"folder:{corrupt}"], "cannot read image .*bad.jpg"),
+        (["train", "--preset", "nope"], "unknown preset 'nope'"),
+        (["train", "model.width=3"], "unknown config key 'model.width'"),
+        (["train", "--config", bad_yaml], "not valid YAML"),
+        (["train", "--config", tmp_path / "none.yaml"], "none.yaml does not exist"),
+        (["train", "--data", "imagenet"], "unknown data source 'imagenet'"),
+        (["train", "--resume", "--run-dir", tmp_path / "norun"], "config.yaml does not exist"),
+        (["eval", "--checkpoint", tmp_path / "missing.ckpt", "--data", "fake"], "checkpoint .*missing.ckpt does not exist"),
+        (["eval", "--checkpoint", not_ckpt, "--data", "fake"], "notes.ckpt is not a vitlab checkpoint"),
+        (["eval", "--checkpoint", other_pickle, "--data", "fake"], "weights.ckpt is not a vitlab checkpoint"),
+        (["eval", "--checkpoint", ckpt, "--data", f"folder:{unknown_class}"], "classes the model does not know: purple"),
+        (["predict", "--checkpoint", ckpt, text], "cannot read image .*readme.txt"),
+        (["predict", "--checkpoint", ckpt, tmp_path / "nothing.png"], "image .*nothing.png does not exist"),
+        (["predict", "--checkpoint", ckpt, "--top-k", "0", text], "--top-k must be at least 1"),
+    ]
+
+
+def test_bad_inputs_give_one_line_errors(trained_run, tmp_path, capsys):
+    images, run_dir = trained_run
+    for argv, message in bad_inputs(tmp_path, images, run_dir / "checkpoints" / "last.ckpt"):
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 1, argv
+        errors = [line for line in err.splitlines() if line.startswith("vitlab ")]
+        assert len(errors) == 1 and "Traceback" not in err, (argv, err)
+        assert re.search(message, errors[0]), (argv, err)
+
+
+def test_skip_bad_images_trains_on_the_rest(tmp_path, capsys):
+    corrupt = write_image_folder(tmp_path / "corrupt", per_class=4, fmt="jpg")
+    (corrupt / "red" / "bad.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    code, _, err = run_cli(capsys, "train", "--data", f"folder:{corrupt}", "--skip-bad-images", "--max-epochs", "1",
+                           "--run-dir", tmp_path / "run", *TINY)
+    assert code == 0 and "skipped 1 unreadable images" in err
+
+
+def test_console_script_exits_non_zero_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "vitlab.cli", "eval", "--checkpoint", str(tmp_path / "x.ckpt"),
+                             "--data", "fake"], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "x.ckpt does not exist" in result.stderr
+
+
+def test_fake_source_trains_end_to_end(tmp_path, capsys):
+    code, _, _ = run_cli(capsys, "train", "--preset", "smoke", "--data", "fake", "--max-epochs", "1",
+                         "--run-dir", tmp_path / "run", "model.dim=32")
+    assert code == 0
+    code, out, _ = run_cli(capsys, "eval", "--checkpoint", tmp_path / "run" / "checkpoints" / "last.ckpt",
+                           "--data", "fake", "--json")
+    # eval on fake scores exactly the held-out part that training validated on.
+    assert json.loads(out)["accuracy"] == pytest.approx(float(read_metrics(tmp_path / "run")[-1]["val_acc"]), abs=1e-6)
