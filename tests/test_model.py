@@ -104,3 +104,26 @@ def test_flops_per_image_counts_the_matmuls():
     per_block = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * h
     expected = 2 * 64 * 48 * d + 2 * per_block + 2 * d * 10
     assert model.flops_per_image() == expected
+
+
+def test_compact_options_conv_tokenizer_and_attention_pooling():
+    config = ViTConfig(tokenizer="conv", patch_size=8, conv_channels=16, dim=64, depth=2, heads=4, pool="attention")
+    model = ViT(config).eval()
+    assert model.cls_token is None and model.pos_embed.shape == (1, 16, 64)
+    x = torch.randn(3, 3, 32, 32)
+    tokens = model.forward_features(x)
+    assert tokens.shape == (3, 16, 64)  # 32 / 8 = 4 x 4 tokens, no class token
+    weights = model.pool.weights(tokens)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(3))
+    expected = model.head((weights.unsqueeze(-1) * tokens).sum(1))
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    # Counting FLOPs must not disturb BatchNorm statistics.
+    model.train()
+    before = model.patch_embed.layers[1].running_mean.clone()
+    assert model.flops_per_image() > 0 and model.training
+    torch.testing.assert_close(model.patch_embed.layers[1].running_mean, before)
+
+
+def test_conv_tokenizer_needs_a_power_of_two_patch():
+    with pytest.raises(ValueError, match="power of 2"):
+        ViTConfig(tokenizer="conv", patch_size=6, image_size=36)

@@ -66,3 +66,19 @@ def test_saved_config_round_trips(tmp_path):
     config = configs.resolve("tutorial-cpu", overrides=["data.source=fake"])
     configs.save(config, tmp_path / "config.yaml")
     assert configs.load(tmp_path / "config.yaml") == config
+
+
+def test_max_time_must_be_a_duration():
+    assert configs.parse_duration("01:30:05").total_seconds() == 5405
+    assert configs.parse_duration("1:00:00:00").days == 1
+    with pytest.raises(VitlabError, match="HH:MM:SS"):
+        configs.resolve(flags={"trainer": {"max_time": "90min"}})
+
+
+def test_decay_rule_spares_batchnorm_of_the_conv_tokenizer():
+    model = ViT(ViTConfig(tokenizer="conv", patch_size=4, dim=32, depth=1, heads=2, pool="attention"))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "patch_embed.layers.0.weight" in decayed and "pool.score.weight" in decayed
+    assert "patch_embed.layers.1.weight" not in decayed  # BatchNorm scale

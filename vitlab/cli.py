@@ -134,8 +134,8 @@ def cmd_info(args):
     else:
         model, what = ViT(configs.resolve(args.preset).model), f"preset {args.preset}"
     c = model.config
-    print(f"{what}: ViT dim {c.dim}, depth {c.depth}, heads {c.heads}, patch {c.patch_size}, "
-          f"image {c.image_size}, {c.num_patches} patches, {c.num_classes} classes")
+    print(f"{what}: ViT dim {c.dim}, depth {c.depth}, heads {c.heads}, {c.tokenizer} tokenizer, patch {c.patch_size}, "
+          f"{c.pool} pooling, image {c.image_size}, {c.num_patches} tokens, {c.num_classes} classes")
     print(f"parameters: {model.num_parameters():,}")
     print(f"forward FLOPs per image: {model.flops_per_image() / 1e9:.3f} GFLOP")
 

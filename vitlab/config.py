@@ -10,6 +10,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import yaml
@@ -24,13 +25,26 @@ PRESETS_DIR = Path(__file__).parent / "presets"
 
 @dataclass
 class TrainerConfig:
-    max_epochs: int = 100
-    max_time: str | None = None  # wall-clock limit HH:MM:SS (or DD:HH:MM:SS); None = no limit
+    max_epochs: int | None = 100  # None: train until max_time
+    max_time: str | None = None  # wall-clock budget HH:MM:SS; the LR schedule ends with whichever limit comes first
     precision: str = "auto"  # auto = bf16-mixed on CUDA, 32-true on CPU; or any Lightning precision
     early_stopping_patience: int | None = None  # epochs without val_loss improvement; None = off
     seed: int = 0
     compile: bool = False  # torch.compile the model
     gradient_clip: float | None = None  # clip the gradient norm to this value
+
+    def __post_init__(self):
+        if self.max_time is not None:
+            parse_duration(self.max_time)
+
+
+def parse_duration(text: str) -> timedelta:
+    """'HH:MM:SS' (or 'DD:HH:MM:SS') -> timedelta."""
+    parts = str(text).split(":")
+    if len(parts) not in (3, 4) or not all(p.isdigit() for p in parts):
+        raise ValueError(f"max_time must look like HH:MM:SS, not '{text}'")
+    days, hours, minutes, seconds = map(int, ([0] + parts)[-4:])
+    return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
 
 
 @dataclass

@@ -7,7 +7,7 @@ Input is a normalised float image batch (B, C, H, W); output is logits (B, num_c
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +28,22 @@ class ViTConfig:
     mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * dim
     dropout: float = 0.0  # after attention projection and in the MLP
     emb_dropout: float = 0.0  # on the token embeddings, before the first block
+    tokenizer: str = "patch"  # patch: linear projection of patches | conv: small conv stem (CCT)
+    conv_channels: int = 64  # width of the conv tokenizer's first stage (doubling per stage)
+    pool: str = "cls"  # cls: classify the class token | attention: learned weighted mean of tokens
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} is not a multiple of heads {self.heads}")
+        if self.tokenizer not in ("patch", "conv"):
+            raise ValueError(f"tokenizer must be patch or conv, not '{self.tokenizer}'")
+        if self.tokenizer == "conv" and self.patch_size & (self.patch_size - 1):
+            raise ValueError(f"the conv tokenizer halves the image per stage: patch_size {self.patch_size} "
+                             f"must be a power of 2")
+        if self.pool not in ("cls", "attention"):
+            raise ValueError(f"pool must be cls or attention, not '{self.pool}'")
 
     @property
     def num_patches(self) -> int:
@@ -53,6 +63,26 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)  # (B, D, H/p, W/p)
+        return x.flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class ConvTokenizer(nn.Module):
+    """A small convolutional stem (as in Compact Convolutional Transformers): log2(patch_size) stages
+    of conv3x3 -> BatchNorm -> ReLU -> max-pool /2, so that each token sees overlapping context
+    and the model gets a convolution's locality prior, which matters on small data sets."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        stages = int(math.log2(config.patch_size))
+        widths = [config.in_channels] + [config.conv_channels * 2**i for i in range(stages - 1)] + [config.dim]
+        layers = []
+        for c_in, c_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(x)  # (B, D, H/p, W/p)
         return x.flatten(2).transpose(1, 2)  # (B, N, D)
 
 
@@ -100,6 +130,20 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(x))
 
 
+class AttentionPool(nn.Module):
+    """Sequence pooling (CCT): a learned score per token, softmax over tokens, weighted mean."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.score = nn.Linear(config.dim, 1)
+
+    def weights(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.score(tokens).squeeze(-1).softmax(dim=-1)  # (B, N)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return (self.weights(tokens).unsqueeze(1) @ tokens).squeeze(1)  # (B, D)
+
+
 class Block(nn.Module):
     """Pre-norm encoder block: x + Attention(LN(x)), then x + Mlp(LN(x))."""
 
@@ -116,7 +160,10 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-    """Vision Transformer with a class token, learned position embedding and a linear head.
+    """Vision Transformer: tokenizer, learned position embedding, pre-norm blocks, pooling, linear head.
+
+    The default is the plain ViT (linear patches, class token); `tokenizer=conv` and
+    `pool=attention` turn it into a compact convolutional transformer.
 
     `load_model` also sets `class_names` and the normalisation (`image_mean`, `image_std`) that the
     weights were trained with; a freshly built model has them as None.
@@ -129,27 +176,36 @@ class ViT(nn.Module):
         self.image_mean: tuple[float, ...] | None = None
         self.image_std: tuple[float, ...] | None = None
 
-        self.patch_embed = PatchEmbed(config)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.dim))
+        self.patch_embed = PatchEmbed(config) if config.tokenizer == "patch" else ConvTokenizer(config)
+        use_cls = config.pool == "cls"
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.dim)) if use_cls else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + use_cls, config.dim))
         self.emb_drop = nn.Dropout(config.emb_dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.depth)])
         self.norm = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
+        self.pool = AttentionPool(config) if config.pool == "attention" else None
         self.head = nn.Linear(config.dim, config.num_classes)
         self.init_weights()
 
     def init_weights(self):
         # Small truncated-normal weights and zero biases, as in timm: a deep pre-norm stack then
-        # starts close to the identity and trains stably without warm-up tricks.
+        # starts close to the identity and trains stably without warm-up tricks. The conv stem's
+        # ReLU convolutions get He initialisation instead, which keeps their activations in scale.
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
                 nn.init.trunc_normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        if isinstance(self.patch_embed, ConvTokenizer):
+            for module in self.patch_embed.modules():
+                if isinstance(module, nn.Conv2d):
+                    nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
         # A zero head makes every class equally likely at the start (loss = log(num_classes)).
         nn.init.zeros_(self.head.weight)
 
@@ -158,27 +214,29 @@ class ViT(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)  # (B, N, D)
-        cls = self.cls_token.expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, N+1, D)
-        return self.emb_drop(x)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, N+1, D)
+        return self.emb_drop(x + self.pos_embed)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Image batch (B, C, H, W) -> normalised tokens (B, N+1, D), class token first."""
+        """Image batch (B, C, H, W) -> normalised tokens (B, T, D); T = N+1 with the class token first,
+        or N with attention pooling."""
         x = self.embed(x)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens (B, N+1, D) -> logits (B, num_classes), from the class token."""
-        return self.head(tokens[:, 0])
+        """Tokens (B, T, D) -> logits (B, num_classes), from the class token or by attention pooling."""
+        pooled = tokens[:, 0] if self.pool is None else self.pool(tokens)  # (B, D)
+        return self.head(pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Each block's attention matrix, a list of depth tensors (B, heads, N+1, N+1)."""
+        """Each block's attention matrix, a list of depth tensors (B, heads, T, T)."""
         maps = []
         x = self.embed(x)
         for block in self.blocks:
@@ -248,18 +306,23 @@ class ViT(nn.Module):
 
     def flops_per_image(self) -> int:
         """Floating-point operations of one forward pass on one image (a multiply-add is 2)."""
-        from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-
-        # The flop counter knows the GPU attention kernels but not the CPU one: teach it.
-        cpu_attention = {
-            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: (
-                lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v))
-        }
         c = self.config
-        x = torch.zeros(1, c.in_channels, c.image_size, c.image_size, device=self.head.weight.device)
-        with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter, torch.no_grad():
-            self(x)
-        return counter.get_total_flops()
+        return forward_flops(self, (1, c.in_channels, c.image_size, c.image_size))
 
-    def config_dict(self) -> dict:
-        return asdict(self.config)
+
+def forward_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Counted FLOPs of model's forward pass on a zero input of input_shape, in eval mode."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    # The flop counter knows the GPU attention kernels but not the CPU one: teach it.
+    cpu_attention = {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: (
+            lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v))
+    }
+    was_training = model.training
+    model.eval()  # so BatchNorm statistics are not touched
+    x = torch.zeros(input_shape, device=next(model.parameters()).device)
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter, torch.no_grad():
+        model(x)
+    model.train(was_training)
+    return counter.get_total_flops()

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Timer
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -21,7 +22,7 @@ class OptimConfig:
     weight_decay: float = 0.05  # AdamW decay, applied only to weight matrices (see param_groups)
     beta1: float = 0.9
     beta2: float = 0.999
-    warmup_epochs: float = 0.0  # linear warm-up from 0 to lr, in epochs (fractions allowed)
+    warmup: float = 0.0  # linear warm-up from 0 to lr over this fraction of training
     label_smoothing: float = 0.0
 
 
@@ -83,16 +84,25 @@ class Classifier(L.LightningModule):
         self.log("val_loss", F.cross_entropy(logits, labels), on_epoch=True, prog_bar=True)
         self.log("val_acc", self.val_acc, on_epoch=True, prog_bar=True)
 
+    def training_progress(self, step: int) -> float:
+        """Fraction of training done, in [0, 1]: by steps towards max_epochs, or by wall time towards
+        max_time, whichever is further, so the schedule always ends where training ends."""
+        total_steps = self.trainer.estimated_stepping_batches  # inf when only max_time limits training
+        by_steps = step / total_steps if math.isfinite(total_steps) else 0.0
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        by_time = 0.0
+        if timer is not None and timer.time_remaining("train") is not None:
+            elapsed = timer.time_elapsed("train")
+            by_time = elapsed / max(1e-9, elapsed + timer.time_remaining("train"))
+        return min(1.0, max(by_steps, by_time))
+
     def configure_optimizers(self):
         o = self.optim
         optimizer = torch.optim.AdamW(
             param_groups(self.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2)
         )
-        total_steps = self.trainer.estimated_stepping_batches
-        steps_per_epoch = total_steps / max(1, self.trainer.max_epochs)
-        warmup = min(1.0, o.warmup_epochs * steps_per_epoch / total_steps)
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step / total_steps, warmup, o.min_lr / o.lr)
+            optimizer, lambda step: warmup_cosine(self.training_progress(step), o.warmup, o.min_lr / o.lr)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

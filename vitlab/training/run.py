@@ -79,6 +79,8 @@ def prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> Path | No
 def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
     """Train a new run, or resume one (then `config` is the run's saved config); returns the path
     of its last checkpoint."""
+    if config.trainer.max_epochs is None and config.trainer.max_time is None:
+        raise VitlabError("training needs a limit: set --max-epochs or --max-time")
     ckpt_path = prepare_run_dir(run_dir, config, resume)
     L.seed_everything(config.trainer.seed, workers=True, verbose=False)
 
@@ -104,8 +106,8 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
         callbacks.append(EarlyStopping(monitor="val_loss", mode="min", patience=t.early_stopping_patience))
     trainer = L.Trainer(
         default_root_dir=run_dir,
-        max_epochs=t.max_epochs,
-        max_time=t.max_time,
+        max_epochs=-1 if t.max_epochs is None else t.max_epochs,
+        max_time=None if t.max_time is None else configs.parse_duration(t.max_time),
         precision=default_precision() if t.precision == "auto" else t.precision,
         gradient_clip_val=t.gradient_clip,
         callbacks=callbacks,

@@ -1,0 +1,179 @@
+"""Training throughput, side by side in one run: vitlab's ViT, timm's VisionTransformer at the same
+config, and a re-implementation of the tutorial's model; achieved GFLOP/s against a measured fp32
+matmul peak; and the data pipeline's images/s.
+
+    python benchmarks/throughput.py [--seconds 20] [--configs tutorial-cpu tiny cpu-hour]
+
+A train step is forward + backward + AdamW on a batch of random images, fp32, on the CPU (or the
+GPU when there is one, with --device cuda).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitlab import ViT, ViTConfig
+from vitlab.model import forward_flops
+from vitlab import config as configs
+from vitlab.data.augment import normalize, random_crop_flip, tutorial_transform
+
+
+class TutorialAttention(nn.Module):
+    """The tutorial's attention, kept only for comparison: every head has its own full-width q, k and
+    v projections (heads x the weights and compute), and scores are divided by sqrt(sequence length)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.q = nn.ModuleList([nn.Linear(dim, dim) for _ in range(heads)])
+        self.k = nn.ModuleList([nn.Linear(dim, dim) for _ in range(heads)])
+        self.v = nn.ModuleList([nn.Linear(dim, dim) for _ in range(heads)])
+        self.out = nn.Linear(heads * dim, dim)
+
+    def forward(self, x):
+        n = x.shape[1]
+        heads = []
+        for q, k, v in zip(self.q, self.k, self.v):
+            scores = q(x) @ k(x).transpose(-2, -1) / math.sqrt(n)
+            heads.append(scores.softmax(-1) @ v(x))
+        return self.out(torch.cat(heads, dim=-1))
+
+
+class TutorialBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = TutorialAttention(dim, heads)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, dim), nn.Dropout(dropout))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TutorialViT(nn.Module):
+    """The tutorial's ViT: unfold-based patchify + linear, class token, position embedding, blocks, head."""
+
+    def __init__(self, c: ViTConfig):
+        super().__init__()
+        self.patch = c.patch_size
+        self.embed = nn.Linear(c.in_channels * c.patch_size ** 2, c.dim)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, c.dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, c.num_patches + 1, c.dim))
+        self.drop = nn.Dropout(c.emb_dropout)
+        self.blocks = nn.Sequential(*[TutorialBlock(c.dim, c.heads, c.mlp_ratio, c.dropout) for _ in range(c.depth)])
+        self.head = nn.Sequential(nn.LayerNorm(c.dim), nn.Linear(c.dim, c.num_classes))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        p = self.patch
+        x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).flatten(1, 2).flatten(2, 4)
+        x = self.embed(x)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self.pos_embed
+        x = self.blocks(self.drop(x))
+        return self.head(x[:, 0])
+
+
+def timm_vit(c: ViTConfig) -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=c.image_size, patch_size=c.patch_size, in_chans=c.in_channels,
+                             num_classes=c.num_classes, embed_dim=c.dim, depth=c.depth, num_heads=c.heads,
+                             mlp_ratio=c.mlp_ratio, drop_rate=c.emb_dropout, proj_drop_rate=c.dropout)
+
+
+def timed(fn, seconds: float, device: str) -> float:
+    """Seconds per call of fn, after warm-up, averaged over about `seconds` of calls."""
+    for _ in range(2):
+        fn()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or calls < 3:
+        fn()
+        calls += 1
+    sync()
+    return (time.perf_counter() - start) / calls
+
+
+def matmul_peak(seconds: float, device: str) -> float:
+    """fp32 GFLOP/s of a large square matmul: the most this machine's matmul can do."""
+    n = 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    return 2 * n ** 3 / timed(lambda: a @ b, seconds, device) / 1e9
+
+
+def train_step_rate(model: nn.Module, c: ViTConfig, batch: int, seconds: float, device: str) -> float:
+    """Train images/s: forward + backward + AdamW step."""
+    model = model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, c.in_channels, c.image_size, c.image_size, device=device)
+    y = torch.randint(c.num_classes, (batch,), device=device)
+
+    def step():
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return batch / timed(step, seconds, device)
+
+
+def data_rates(image_size: int, batch: int, seconds: float) -> dict[str, float]:
+    images = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8)
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    per_sample = tutorial_transform(image_size, autoaugment=True)
+    return {
+        "crop-flip (batched)": batch / timed(lambda: normalize(random_crop_flip(images), mean, std), seconds, "cpu"),
+        "tutorial + AutoAugment (per sample, 1 process)":
+            64 / timed(lambda: [per_sample(im) for im in images[:64]], seconds, "cpu"),
+    }
+
+
+def named_config(name: str) -> tuple[ViTConfig, int]:
+    if name == "tiny":
+        return ViTConfig(dim=192, depth=6, heads=3, patch_size=4), 128
+    run = configs.resolve(name)
+    return run.model, run.data.batch_size
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=["tutorial-cpu", "tiny"],
+                        help="presets to measure (or 'tiny': dim 192, depth 6, 3 heads, patch 4)")
+    parser.add_argument("--seconds", type=float, default=15.0, help="measuring time per figure")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    peak = matmul_peak(args.seconds / 3, args.device)
+    print(f"device {args.device}, {torch.get_num_threads()} threads; fp32 matmul peak {peak:.0f} GFLOP/s")
+    for name in args.configs:
+        c, batch = named_config(name)
+        print(f"\n{name}: dim {c.dim}, depth {c.depth}, heads {c.heads}, patch {c.patch_size}, "
+              f"tokenizer {c.tokenizer}, pool {c.pool}, batch {batch}")
+        models = {"vitlab": ViT(c)}
+        if c.tokenizer == "patch" and c.pool == "cls":  # the plain ViT that timm and the tutorial build
+            models["timm"] = timm_vit(c)
+            models["tutorial"] = TutorialViT(c)
+        rates = {}
+        for k, model in models.items():
+            # A train step costs about 3x the forward pass; each model is charged its own FLOPs.
+            flops = 3 * forward_flops(model, (1, c.in_channels, c.image_size, c.image_size))
+            rates[k] = rate = train_step_rate(model, c, batch, args.seconds, args.device)
+            speedup = f"  vitlab is {rates['vitlab'] / rate:.2f}x faster" if k != "vitlab" else ""
+            print(f"  {k:9s} {flops / 3e9:6.3f} GFLOP/image forward  {rate:8.1f} train images/s  "
+                  f"{rate * flops / 1e9:6.1f} GFLOP/s ({100 * rate * flops / 1e9 / peak:3.0f}% of peak){speedup}")
+        for k, rate in data_rates(c.image_size, batch, args.seconds / 3).items():
+            print(f"  data: {k:48s} {rate:9.0f} images/s")
+
+
+if __name__ == "__main__":
+    main()
