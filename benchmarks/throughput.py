@@ -2,10 +2,11 @@
 config, and a re-implementation of the tutorial's model; achieved GFLOP/s against a measured fp32
 matmul peak; and the data pipeline's images/s.
 
-    python benchmarks/throughput.py [--seconds 20] [--configs tutorial-cpu tiny cpu-hour]
+    python benchmarks/throughput.py [--seconds 10] [--configs tutorial-cpu tiny cpu-hour] [--no-compile]
 
-A train step is forward + backward + AdamW on a batch of random images, fp32, on the CPU (or the
-GPU when there is one, with --device cuda).
+A train step is forward + backward + AdamW (the same optimiser for every model) on a batch of random
+images, fp32, on the CPU (or the GPU with --device cuda). Each model is measured eager and, unless
+--no-compile, also under torch.compile (vitlab's `trainer.compile=true`); timm gets the same.
 """
 
 from __future__ import annotations
@@ -148,7 +149,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=["tutorial-cpu", "tiny"],
                         help="presets to measure (or 'tiny': dim 192, depth 6, 3 heads, patch 4)")
-    parser.add_argument("--seconds", type=float, default=15.0, help="measuring time per figure")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measuring time per figure")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -159,18 +161,27 @@ def main():
         c, batch = named_config(name)
         print(f"\n{name}: dim {c.dim}, depth {c.depth}, heads {c.heads}, patch {c.patch_size}, "
               f"tokenizer {c.tokenizer}, pool {c.pool}, batch {batch}")
-        models = {"vitlab": ViT(c)}
+        builders = {"vitlab": ViT}
         if c.tokenizer == "patch" and c.pool == "cls":  # the plain ViT that timm and the tutorial build
-            models["timm"] = timm_vit(c)
-            models["tutorial"] = TutorialViT(c)
+            builders.update(timm=timm_vit, tutorial=TutorialViT)
+        runs = [(k, False) for k in builders]
+        if not args.no_compile:
+            runs += [(k, True) for k in builders if k != "tutorial"]  # the tutorial ran eager
         rates = {}
-        for k, model in models.items():
+        for k, compiled in runs:
+            model = builders[k](c)
             # A train step costs about 3x the forward pass; each model is charged its own FLOPs.
             flops = 3 * forward_flops(model, (1, c.in_channels, c.image_size, c.image_size))
-            rates[k] = rate = train_step_rate(model, c, batch, args.seconds, args.device)
-            speedup = f"  vitlab is {rates['vitlab'] / rate:.2f}x faster" if k != "vitlab" else ""
-            print(f"  {k:9s} {flops / 3e9:6.3f} GFLOP/image forward  {rate:8.1f} train images/s  "
-                  f"{rate * flops / 1e9:6.1f} GFLOP/s ({100 * rate * flops / 1e9 / peak:3.0f}% of peak){speedup}")
+            if compiled:
+                model.compile()
+            label = f"{k}{' compiled' if compiled else ''}"
+            rates[label] = rate = train_step_rate(model, c, batch, args.seconds, args.device)
+            print(f"  {label:18s} {flops / 3e9:6.3f} GFLOP/image forward  {rate:8.1f} train images/s  "
+                  f"{rate * flops / 1e9:6.1f} GFLOP/s ({100 * rate * flops / 1e9 / peak:3.0f}% of peak)", flush=True)
+        for ours, theirs in [("vitlab", "timm"), ("vitlab compiled", "timm compiled"),
+                             ("vitlab", "tutorial"), ("vitlab compiled", "tutorial")]:
+            if ours in rates and theirs in rates:
+                print(f"  {ours} / {theirs}: {rates[ours] / rates[theirs]:.2f}x")
         for k, rate in data_rates(c.image_size, batch, args.seconds / 3).items():
             print(f"  data: {k:48s} {rate:9.0f} images/s")
 

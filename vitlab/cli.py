@@ -1,4 +1,4 @@
-"""The `vitlab` command: train, eval, predict, info."""
+"""The `vitlab` command: train, eval, predict, info, attention, plot, export."""
 
 from __future__ import annotations
 
@@ -39,13 +39,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--data", required=True, help="cifar10, cifar100 (test split), fake, or folder:PATH (every image)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--report", type=Path, metavar="DIR",
+                   help="write confusion matrix, per-class accuracy and worst-error figures and report.json")
     add_data_options(p)
 
     p = sub.add_parser("predict", help="top-k classes of images")
-    p.add_argument("--checkpoint", type=Path, required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="a vitlab checkpoint or safetensors export")
+    source.add_argument("--onnx", type=Path, help="an ONNX export, run with onnxruntime")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print one JSON line per image")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
+
+    p = sub.add_parser("attention", help="attention rollout and per-layer attention over images")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=Path("attention.png"))
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+
+    p = sub.add_parser("plot", help="learning curves of a run from RUN_DIR/metrics.csv")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("--out", type=Path, help="default: RUN_DIR/curves.png")
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX or safetensors")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--format", required=True, help="onnx or safetensors")
+    p.add_argument("--out", type=Path, required=True)
 
     p = sub.add_parser("info", help="parameters and FLOPs per image of a preset or checkpoint")
     group = p.add_mutually_exclusive_group(required=True)
@@ -100,9 +118,11 @@ def cmd_eval(args):
     model = load_model(args.checkpoint)
     data = configs.resolve(flags=flag_values(args, ["data"])).data
     image_set = load_eval_set(args.data, data, model.config.image_size, model.class_names)
-    result = evaluate(model, image_set)
+    result, logits = evaluate(model, image_set)
+    if args.report:
+        write_report(args.report, result, logits, image_set, model.class_names)
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps({k: result[k] for k in ("accuracy", "loss", "per_class", "n")}))
         return
     print(f"{args.data}: {result['n']} images, accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f}")
     width = max(map(len, result["per_class"]))
@@ -110,12 +130,36 @@ def cmd_eval(args):
         print(f"  {name:<{width}}  {acc:.4f}")
 
 
+def write_report(out_dir: Path, result: dict, logits, image_set, classes: list[str], worst: int = 16):
+    """Figures and numbers of an evaluation, in out_dir."""
+    import numpy as np
+
+    from vitlab import plots
+
+    probs = logits.softmax(-1)
+    confidence, predicted = probs.max(-1)
+    wrong = (predicted != image_set.labels).nonzero().squeeze(1)
+    wrong = wrong[confidence[wrong].argsort(descending=True)][:worst].tolist()
+    errors = [{"index": i, "path": image_set.paths[i] if image_set.paths else None,
+               "true": classes[image_set.labels[i]], "predicted": classes[predicted[i]],
+               "probability": round(confidence[i].item(), 4)} for i in wrong]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots.plot_confusion_matrix(np.array(result["confusion"]), classes, out_dir / "confusion_matrix.png")
+    plots.plot_per_class_accuracy(result["per_class"], out_dir / "per_class_accuracy.png")
+    plots.plot_confident_errors(image_set.images[wrong],
+                                [f"true: {e['true']}\npredicted: {e['predicted']} ({e['probability']:.0%})"
+                                 for e in errors], out_dir / "confident_errors.png")
+    report = {**result, "classes": classes, "confident_errors": errors}
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+    print(f"report written to {out_dir}", file=sys.stderr)
+
+
 def cmd_predict(args):
-    from vitlab.inference import expand_image_paths, load_model, predict
+    from vitlab.inference import OnnxModel, expand_image_paths, load_model, predict
 
     if args.top_k < 1:
         raise VitlabError(f"--top-k must be at least 1, not {args.top_k}")
-    model = load_model(args.checkpoint)
+    model = OnnxModel(args.onnx) if args.onnx else load_model(args.checkpoint)
     for result in predict(model, expand_image_paths(args.images), args.top_k):
         if args.json:
             print(json.dumps(result))
@@ -140,7 +184,43 @@ def cmd_info(args):
     print(f"forward FLOPs per image: {model.flops_per_image() / 1e9:.3f} GFLOP")
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "info": cmd_info}
+def cmd_attention(args):
+    import torch
+
+    from vitlab import plots
+    from vitlab.data.augment import normalize
+    from vitlab.data.sources import read_image
+    from vitlab.inference import load_model
+    from vitlab.inspection import attention_summary
+
+    model = load_model(args.checkpoint)
+    images = torch.stack([read_image(p, model.config.image_size) for p in args.images])
+    summary = attention_summary(model, normalize(images, model.image_mean, model.image_std))
+    confidence, predicted = summary.logits.softmax(-1).max(-1)
+    titles = [f"predicted: {model.class_names[c]} ({p:.0%})" for c, p in zip(predicted.tolist(), confidence.tolist())]
+    plots.plot_attention(images, [Path(p).name for p in args.images], titles, summary.rollout,
+                         summary.per_layer, summary.layer_label, args.out)
+    print(f"attention maps written to {args.out}")
+
+
+def cmd_plot(args):
+    from vitlab import plots
+
+    out = args.out or args.run_dir / "curves.png"
+    plots.plot_learning_curves(args.run_dir, out)
+    print(f"learning curves written to {out}")
+
+
+def cmd_export(args):
+    from vitlab.export import export
+    from vitlab.inference import load_model
+
+    export(load_model(args.checkpoint), args.format, args.out)
+    print(f"exported {args.checkpoint} as {args.format} to {args.out}")
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "info": cmd_info,
+            "attention": cmd_attention, "plot": cmd_plot, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

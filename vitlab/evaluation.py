@@ -11,21 +11,29 @@ from vitlab.model import ViT
 
 
 @torch.no_grad()
-def evaluate(model: ViT, image_set: ImageSet, batch_size: int = 500) -> dict:
-    """Accuracy, mean cross-entropy and per-class accuracy of model on image_set (labels index
-    model.class_names)."""
+def predict_logits(model: ViT, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """uint8 images (N, C, H, W) -> logits (N, num_classes), normalised as the model was trained."""
+    chunks = [model(normalize(images[i:i + batch_size], model.image_mean, model.image_std))
+              for i in range(0, len(images), batch_size)]
+    return torch.cat(chunks)
+
+
+def evaluate(model: ViT, image_set: ImageSet) -> tuple[dict, torch.Tensor]:
+    """Accuracy, mean cross-entropy, per-class accuracy and confusion matrix of model on image_set
+    (whose labels index model.class_names); also returns the logits for further analysis."""
+    logits = predict_logits(model, image_set.images)
+    labels = image_set.labels
     num_classes = len(model.class_names)
-    correct = torch.zeros(num_classes)
-    total = torch.zeros(num_classes)
-    loss_sum = 0.0
-    for start in range(0, len(image_set), batch_size):
-        images = normalize(image_set.images[start:start + batch_size], model.image_mean, model.image_std)
-        labels = image_set.labels[start:start + batch_size]
-        logits = model(images)
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        hits = (logits.argmax(-1) == labels).float()
-        correct.index_add_(0, labels, hits)
-        total.index_add_(0, labels, torch.ones_like(hits))
-    n = int(total.sum())
-    per_class = {name: (correct[i] / total[i]).item() for i, name in enumerate(model.class_names) if total[i] > 0}
-    return {"accuracy": (correct.sum() / n).item(), "loss": loss_sum / n, "per_class": per_class, "n": n}
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)  # rows: true, columns: predicted
+    confusion.index_put_((labels, logits.argmax(-1)), torch.ones_like(labels), accumulate=True)
+    totals = confusion.sum(1)
+    per_class = {name: (confusion[i, i] / totals[i]).item()
+                 for i, name in enumerate(model.class_names) if totals[i] > 0}
+    result = {
+        "accuracy": (confusion.diag().sum() / len(labels)).item(),
+        "loss": F.cross_entropy(logits, labels).item(),
+        "per_class": per_class,
+        "n": len(labels),
+        "confusion": confusion.tolist(),
+    }
+    return result, logits

@@ -9,16 +9,14 @@ import torch
 from vitlab.data.augment import normalize
 from vitlab.data.sources import is_image_file, read_image
 from vitlab.errors import VitlabError
+from vitlab.export import read_metadata
 from vitlab.model import ViT, ViTConfig
 
 HPARAMS_KEYS = {"model", "class_names", "image_mean", "image_std"}
 
 
-def read_checkpoint(path: Path | str) -> dict:
-    """A vitlab checkpoint's contents, or a clear error. Loaded with weights_only: no code runs."""
-    path = Path(path)
-    if not path.is_file():
-        raise VitlabError(f"checkpoint {path} does not exist")
+def read_checkpoint(path: Path) -> dict:
+    """A Lightning checkpoint written by vitlab, or a clear error. Loaded with weights_only: no code runs."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for files that are not checkpoints
@@ -29,20 +27,67 @@ def read_checkpoint(path: Path | str) -> dict:
     return checkpoint
 
 
-def load_model(checkpoint_path: Path | str) -> ViT:
-    """The trained ViT from a checkpoint, in eval mode, with `class_names`, `image_mean` and `image_std`."""
-    checkpoint = read_checkpoint(checkpoint_path)
-    hparams = checkpoint["hyper_parameters"]
-    model = ViT(ViTConfig(**hparams["model"]))
-    prefix = "model."
-    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+def build_model(path: Path, config: dict, state: dict, class_names, image_mean, image_std) -> ViT:
+    model = ViT(ViTConfig(**config))
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise VitlabError(f"{checkpoint_path}: weights do not fit its model config ({str(e).splitlines()[0]})") from None
-    model.class_names = list(hparams["class_names"])
-    model.image_mean, model.image_std = tuple(hparams["image_mean"]), tuple(hparams["image_std"])
+        raise VitlabError(f"{path}: weights do not fit its model config ({str(e).splitlines()[0]})") from None
+    model.class_names = list(class_names)
+    model.image_mean, model.image_std = tuple(image_mean), tuple(image_std)
     return model.eval()
+
+
+def load_safetensors(path: Path) -> ViT:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise VitlabError(f"{path} is not a safetensors file ({e})") from None
+    values = read_metadata(meta, path)
+    return build_model(path, values["config"], state, values["class_names"], values["image_mean"],
+                       values["image_std"])
+
+
+def load_model(checkpoint_path: Path | str) -> ViT:
+    """The trained ViT from a checkpoint (.ckpt) or a safetensors export, in eval mode, with
+    `class_names`, `image_mean` and `image_std` set."""
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise VitlabError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        return load_safetensors(path)
+    checkpoint = read_checkpoint(path)
+    hparams = checkpoint["hyper_parameters"]
+    prefix = "model."
+    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    return build_model(path, hparams["model"], state, hparams["class_names"], hparams["image_mean"],
+                       hparams["image_std"])
+
+
+class OnnxModel:
+    """A model exported to ONNX, run with onnxruntime; usable wherever `predict` takes a ViT."""
+
+    def __init__(self, path: Path | str):
+        import onnxruntime
+
+        path = Path(path)
+        if not path.is_file():
+            raise VitlabError(f"ONNX model {path} does not exist")
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for bad files
+            raise VitlabError(f"{path} is not an ONNX model ({type(e).__name__})") from None
+        values = read_metadata(self.session.get_modelmeta().custom_metadata_map, path)
+        self.config = ViTConfig(**values["config"])
+        self.class_names = values["class_names"]
+        self.image_mean, self.image_std = tuple(values["image_mean"]), tuple(values["image_std"])
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(["logits"], {"images": images.numpy()})[0])
 
 
 def expand_image_paths(paths: list[str]) -> list[Path]:
@@ -62,7 +107,7 @@ def expand_image_paths(paths: list[str]) -> list[Path]:
 
 
 @torch.no_grad()
-def predict(model: ViT, paths: list[Path], top_k: int = 5, batch_size: int = 256) -> list[dict]:
+def predict(model: ViT | OnnxModel, paths: list[Path], top_k: int = 5, batch_size: int = 256) -> list[dict]:
     """For each image: {'path', 'top': [{'class', 'probability'}, ...]} with the top_k classes."""
     top_k = min(top_k, len(model.class_names))
     results = []
