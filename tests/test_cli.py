@@ -24,15 +24,19 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """One tiny training run shared by the tests that only read it."""
-    tmp = tmp_path_factory.mktemp("run")
-    images = write_image_folder(tmp / "images", per_class=12)
+def train_tiny_run(tmp, per_class: int):
+    """Train the tiny model for 2 epochs on generated colour images; returns (image folder, run dir)."""
+    images = write_image_folder(tmp / "images", per_class=per_class)
     run_dir = tmp / "run"
     assert main(["train", "--data", f"folder:{images}", "--max-epochs", "2", "--run-dir", str(run_dir),
                  "--val-fraction", "0.25", f"data.cache_dir={tmp / 'cache'}", *TINY]) == 0
     return images, run_dir
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One tiny training run shared by the tests that only read it."""
+    return train_tiny_run(tmp_path_factory.mktemp("run"), per_class=12)
 
 
 def read_metrics(run_dir):

@@ -1,6 +1,7 @@
 """Attention maps, evaluation reports, learning curves and exports, end to end through the CLI."""
 
 import json
+import re
 
 import numpy as np
 import onnxruntime
@@ -9,19 +10,13 @@ import torch
 from PIL import Image
 
 from vitlab import ViT, ViTConfig, load_model
-from vitlab.cli import main
 from vitlab.inspection import attention_summary
-from tests.conftest import write_image_folder
-from tests.test_cli import TINY, run_cli
+from tests.test_cli import run_cli, train_tiny_run
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("inspect")
-    images = write_image_folder(tmp / "images", per_class=8)
-    run_dir = tmp / "run"
-    assert main(["train", "--data", f"folder:{images}", "--max-epochs", "2", "--run-dir", str(run_dir),
-                 f"data.cache_dir={tmp / 'cache'}", *TINY]) == 0
+    images, run_dir = train_tiny_run(tmp_path_factory.mktemp("inspect"), per_class=8)
     return images, run_dir, run_dir / "checkpoints" / "last.ckpt"
 
 
@@ -121,5 +116,5 @@ def test_bad_inputs_of_inspection_and_export(run, tmp_path, capsys):
         code, _, err = run_cli(capsys, *argv)
         errors = [line for line in err.splitlines() if line.startswith("vitlab ")]
         assert code == 1 and len(errors) == 1, (argv, err)
-        assert __import__("re").search(message, errors[0]), (argv, err)
+        assert re.search(message, errors[0]), (argv, err)
     assert not (tmp_path / "m.tflite").exists()

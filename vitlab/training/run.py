@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def default_precision() -> str:
     return "bf16-mixed" if torch.cuda.is_available() else "32-true"
 
 
-def prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> Path | None:
+def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
     """Check the run directory (writing nothing); return the checkpoint to resume from, or None.
 
     A new run refuses a directory that already holds a run, so nothing the user had is overwritten.
@@ -81,7 +82,7 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
     of its last checkpoint."""
     if config.trainer.max_epochs is None and config.trainer.max_time is None:
         raise VitlabError("training needs a limit: set --max-epochs or --max-time")
-    ckpt_path = prepare_run_dir(run_dir, config, resume)
+    ckpt_path = prepare_run_dir(run_dir, resume)
     L.seed_everything(config.trainer.seed, workers=True, verbose=False)
 
     datamodule = ImageDataModule(config.data, config.model.image_size)
@@ -96,6 +97,10 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
         module.model.compile()  # in place: parameter names, and so checkpoints, stay the same
 
     t = config.trainer
+    precision = default_precision() if t.precision == "auto" else t.precision
+    if "bf16" in precision and not torch.cuda.is_available():
+        print(f"warning: precision {precision} without a GPU is very slow on most CPUs; "
+              f"trainer.precision=32-true trains in fp32", file=sys.stderr)
     callbacks = [
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_acc", mode="max",
                         save_last=True, enable_version_counter=False),
@@ -108,7 +113,7 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
         default_root_dir=run_dir,
         max_epochs=-1 if t.max_epochs is None else t.max_epochs,
         max_time=None if t.max_time is None else configs.parse_duration(t.max_time),
-        precision=default_precision() if t.precision == "auto" else t.precision,
+        precision=precision,
         gradient_clip_val=t.gradient_clip,
         callbacks=callbacks,
         logger=TensorBoardLogger(save_dir=run_dir, name="", version="tensorboard"),
