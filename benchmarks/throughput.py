@@ -90,14 +90,14 @@ def timm_vit(c: ViTConfig) -> nn.Module:
                              mlp_ratio=c.mlp_ratio, drop_rate=c.emb_dropout, proj_drop_rate=c.dropout)
 
 
-def timed(fn, seconds: float, device: str) -> float:
-    """Seconds per call of fn, after warm-up, averaged over about `seconds` of calls."""
-    for _ in range(2):
+def timed(fn, seconds: float, device: str, warmup: int = 1) -> float:
+    """Seconds per call of fn, after `warmup` calls, averaged over about `seconds` (at least one call)."""
+    for _ in range(warmup):
         fn()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
     calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds or calls < 3:
+    while time.perf_counter() - start < seconds or calls < 1:
         fn()
         calls += 1
     sync()
@@ -182,7 +182,8 @@ def main():
         rates = dict.fromkeys(steps, 0.0)
         for _ in range(args.rounds):
             for label, step in steps.items():
-                rates[label] = max(rates[label], batch / timed(step, args.seconds / args.rounds, args.device))
+                seconds = timed(step, args.seconds / args.rounds, args.device, warmup=0 if rates[label] else 1)
+                rates[label] = max(rates[label], batch / seconds)
         for label, rate in rates.items():
             f = flops[label]
             print(f"  {label:18s} {f / 3e9:6.3f} GFLOP/image forward  {rate:8.1f} train images/s  "

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # files only, no screen needed
 import matplotlib.pyplot as plt  # noqa: E402
@@ -64,6 +65,7 @@ def plot_learning_curves(run_dir: Path, out: Path):
         ax.legend()
     for ax in axes:
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.suptitle(f"Training of {run_dir.name}: {len(epochs)} epochs, best validation accuracy "
                  f"{100 * np.nanmax(m['val_acc']):.1f}%")
     save(fig, out)
