@@ -1,0 +1,180 @@
+"""Datasets, splits and loaders: everything about data that training needs, in one LightningDataModule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vitlab.data.augment import AUGMENTATIONS, normalize, random_crop_flip, tutorial_transform
+from vitlab.data.sources import (
+    CIFAR,
+    ImageSet,
+    download_cifar,
+    load_image_folder,
+    make_fake,
+    read_cifar_batches,
+    resize_images,
+)
+from vitlab.errors import VitlabError
+
+SOURCES_HELP = "cifar10, cifar100, fake or folder:PATH"
+
+
+@dataclass
+class DataConfig:
+    source: str = "cifar10"  # cifar10 | cifar100 | fake | folder:PATH
+    root: str = "data"  # where CIFAR is downloaded to
+    cache_dir: str = "~/.cache/vitlab"  # decoded image folders are cached here
+    val_fraction: float = 0.1  # held out of train when the source has no validation split of its own
+    split_seed: int = 0  # fixes the held-out part, independently of the training seed
+    batch_size: int = 128
+    num_workers: int = 0  # loader processes; only the per-sample `tutorial` augmentation needs them
+    augment: str = "crop-flip"  # crop-flip (batched, fast) | tutorial (per-sample) | none
+    autoaugment: bool = False  # add AutoAugment(CIFAR10) to the `tutorial` augmentation
+    skip_bad_images: bool = False  # skip unreadable images in folders instead of stopping
+
+    def __post_init__(self):
+        if self.augment not in AUGMENTATIONS:
+            raise VitlabError(f"data.augment must be one of {', '.join(AUGMENTATIONS)}, not '{self.augment}'")
+        if not 0 < self.val_fraction < 1:
+            raise VitlabError(f"data.val_fraction must be between 0 and 1, not {self.val_fraction}")
+        parse_source(self.source)
+
+
+def parse_source(source: str) -> tuple[str, Path | None]:
+    """'cifar10' -> ('cifar10', None); 'folder:PATH' -> ('folder', PATH)."""
+    if source in CIFAR or source == "fake":
+        return source, None
+    if source.startswith("folder:") and len(source) > len("folder:"):
+        return "folder", Path(source[len("folder:"):]).expanduser()
+    raise VitlabError(f"unknown data source '{source}' (expected {SOURCES_HELP})")
+
+
+def align_classes(image_set: ImageSet, classes: list[str], where: str) -> ImageSet:
+    """Relabel image_set so that its labels index `classes` (e.g. a checkpoint's class names)."""
+    unknown = [c for c in image_set.classes if c not in classes]
+    if unknown:
+        raise VitlabError(f"{where} has classes the model does not know: {', '.join(unknown)}")
+    mapping = torch.tensor([classes.index(c) for c in image_set.classes])
+    return ImageSet(image_set.images, mapping[image_set.labels], classes, image_set.paths)
+
+
+def split_train_val(image_set: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """A fixed, seeded random split: the same images are held out in every run with this seed."""
+    n_val = round(len(image_set) * fraction)
+    if not 0 < n_val < len(image_set):
+        raise VitlabError(
+            f"--val-fraction {fraction} of {len(image_set)} images leaves no training or validation images"
+        )
+    order = torch.randperm(len(image_set), generator=torch.Generator().manual_seed(seed))
+    return image_set.subset(order[n_val:]), image_set.subset(order[:n_val])
+
+
+def load_folder(path: Path, config: DataConfig, image_size: int) -> ImageSet:
+    return load_image_folder(path, image_size, Path(config.cache_dir).expanduser(), config.skip_bad_images)
+
+
+def load_cifar(name: str, config: DataConfig, image_size: int, train: bool) -> ImageSet:
+    spec = CIFAR[name]
+    folder = download_cifar(name, Path(config.root).expanduser())
+    image_set = read_cifar_batches(folder, spec, spec.train_files if train else spec.test_files)
+    image_set.images = resize_images(image_set.images, image_size)
+    return image_set
+
+
+def load_train_val(config: DataConfig, image_size: int) -> tuple[ImageSet, ImageSet, tuple, tuple]:
+    """(train, val, mean, std) for a source. Validation is the source's own split when it has one
+    (CIFAR's test batches, a sibling `val/` folder), else a seeded part of train."""
+    kind, path = parse_source(config.source)
+    if kind in CIFAR:
+        train, val = load_cifar(kind, config, image_size, True), load_cifar(kind, config, image_size, False)
+        return train, val, CIFAR[kind].mean, CIFAR[kind].std
+    if kind == "fake":
+        train, val = split_train_val(make_fake(image_size=image_size), config.val_fraction, config.split_seed)
+    else:
+        images = load_folder(path, config, image_size)
+        sibling = path.resolve().parent / "val"
+        if path.resolve().name != "val" and sibling.is_dir():
+            train, val = images, align_classes(load_folder(sibling, config, image_size), images.classes, str(sibling))
+        else:
+            train, val = split_train_val(images, config.val_fraction, config.split_seed)
+    mean, std = train.mean_std()
+    return train, val, mean, std
+
+
+def load_eval_set(source: str, config: DataConfig, image_size: int, classes: list[str]) -> ImageSet:
+    """The images `vitlab eval` scores: CIFAR's test split, every image of a folder, or fake's held-out part."""
+    kind, path = parse_source(source)
+    if kind in CIFAR:
+        image_set = load_cifar(kind, config, image_size, train=False)
+    elif kind == "fake":
+        _, image_set = split_train_val(make_fake(image_size=image_size), config.val_fraction, config.split_seed)
+    else:
+        image_set = load_folder(path, config, image_size)
+    return align_classes(image_set, classes, f"data folder {path}" if path else source)
+
+
+class ImageTensorDataset(Dataset):
+    """Samples of an in-memory ImageSet, optionally through a per-sample transform."""
+
+    def __init__(self, image_set: ImageSet, transform=None):
+        self.image_set = image_set
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.image_set)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.image_set.images[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.image_set.labels[index]
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Loaders yield uint8 batches; augmentation and normalisation happen after transfer to the device."""
+
+    def __init__(self, config: DataConfig, image_size: int):
+        super().__init__()
+        self.config = config
+        self.image_size = image_size
+        self.train_set = self.val_set = None
+        self.mean = self.std = None
+
+    def setup(self, stage: str | None = None):
+        if self.train_set is None:
+            self.train_set, self.val_set, self.mean, self.std = load_train_val(self.config, self.image_size)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.train_set.classes
+
+    def loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        workers = self.config.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.config.batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        transform = None
+        if self.config.augment == "tutorial":
+            transform = tutorial_transform(self.image_size, self.config.autoaugment)
+        return self.loader(ImageTensorDataset(self.train_set, transform), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader(ImageTensorDataset(self.val_set), shuffle=False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, labels = batch
+        if self.trainer is not None and self.trainer.training and self.config.augment == "crop-flip":
+            images = random_crop_flip(images)
+        return normalize(images, self.mean, self.std), labels

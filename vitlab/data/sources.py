@@ -1,0 +1,238 @@
+"""Where images come from: CIFAR-10/100, a folder of images, or synthetic data.
+
+Every source ends as an `ImageSet`: all images decoded once into one uint8 tensor (N, C, H, W)
+held in memory, so that training never decodes or touches Python per sample again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import os
+import pickle
+import tarfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from vitlab.errors import VitlabError
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # (N, C, H, W) uint8
+    labels: torch.Tensor  # (N,) int64
+    classes: list[str]
+    paths: list[str] | None = None  # the file of each image, for sources read from disk
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: torch.Tensor) -> "ImageSet":
+        paths = [self.paths[i] for i in indices.tolist()] if self.paths is not None else None
+        return ImageSet(self.images[indices], self.labels[indices], self.classes, paths)
+
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel mean and standard deviation of the pixels, in [0, 1] units."""
+        x = self.images.float().div_(255).transpose(0, 1).flatten(1)  # (C, N*H*W)
+        return tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())
+
+
+@dataclass(frozen=True)
+class CifarSpec:
+    url: str
+    md5: str
+    folder: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    meta_file: str
+    label_key: str
+    names_key: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+CIFAR = {
+    "cifar10": CifarSpec(
+        url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        md5="c58f30108f718f92721af3b95e74349a",
+        folder="cifar-10-batches-py",
+        train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
+        test_files=("test_batch",),
+        meta_file="batches.meta",
+        label_key="labels",
+        names_key="label_names",
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.247, 0.243, 0.261),
+    ),
+    "cifar100": CifarSpec(
+        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        md5="eb9058c3a382ffc7106e4002c42a8d85",
+        folder="cifar-100-python",
+        train_files=("train",),
+        test_files=("test",),
+        meta_file="meta",
+        label_key="fine_labels",
+        names_key="fine_label_names",
+        mean=(0.5071, 0.4865, 0.4409),
+        std=(0.2673, 0.2564, 0.2762),
+    ),
+}
+
+
+def md5sum(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download_cifar(name: str, root: Path) -> Path:
+    """Download and unpack CIFAR into root (once); return the folder holding its batches."""
+    spec = CIFAR[name]
+    folder = root / spec.folder
+    if (folder / spec.meta_file).exists():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    archive = root / Path(spec.url).name
+    partial = archive.with_name(archive.name + ".part")
+    if not archive.exists():
+        print(f"downloading {spec.url} to {archive}", file=sys.stderr)
+        try:
+            with urllib.request.urlopen(spec.url, timeout=60) as response, open(partial, "wb") as out:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+        except OSError as e:
+            partial.unlink(missing_ok=True)
+            raise VitlabError(
+                f"could not download {name} from {spec.url} ({e}); with no network, put a copy of "
+                f"{archive.name} or its unpacked {spec.folder}/ in {root} (the data root, --data-root), "
+                f"or use --data folder:PATH for images on disk"
+            ) from None
+        partial.rename(archive)
+    if md5sum(archive) != spec.md5:
+        raise VitlabError(f"{archive} is corrupt (MD5 checksum does not match); delete it and run again")
+    with tarfile.open(archive, "r:gz") as tar:
+        tar.extractall(root, filter="data")
+    return folder
+
+
+def read_cifar_batches(folder: Path, spec: CifarSpec, files: tuple[str, ...]) -> ImageSet:
+    """Parse CIFAR's pickled batches straight into uint8 tensors."""
+    with open(folder / spec.meta_file, "rb") as f:
+        classes = pickle.load(f, encoding="latin1")[spec.names_key]
+    images, labels = [], []
+    for name in files:
+        with open(folder / name, "rb") as f:
+            batch = pickle.load(f, encoding="latin1")
+        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.append(np.asarray(batch[spec.label_key], dtype=np.int64))
+    return ImageSet(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)), classes)
+
+
+# --- folders of images ---------------------------------------------------------------------------
+
+IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def read_image(path: Path | str, image_size: int) -> torch.Tensor:
+    """Any image Pillow reads -> RGB uint8 tensor (3, image_size, image_size)."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            if img.size != (image_size, image_size):
+                img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
+            array = np.asarray(img, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise VitlabError(f"cannot read image {path}: {e}") from None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def list_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """An ImageFolder tree root/<class>/<image> -> (class names, [(file, class index)])."""
+    if not root.is_dir():
+        raise VitlabError(f"data folder {root} does not exist")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise VitlabError(f"data folder {root} has no class folders (expected {root}/<class>/<image>)")
+    samples = []
+    for index, name in enumerate(classes):
+        files = sorted(p for p in (root / name).rglob("*") if p.is_file() and is_image_file(p))
+        if not files:
+            raise VitlabError(f"class folder {root / name} has no images")
+        samples += [(p, index) for p in files]
+    return classes, samples
+
+
+def load_image_folder(root: Path, image_size: int, cache_dir: Path, skip_bad_images: bool = False) -> ImageSet:
+    """Decode an ImageFolder tree once into memory; cached on disk so later runs skip decoding.
+
+    The cache key covers every file's path, size and modification time, and the image size,
+    so a changed folder is decoded again rather than served stale.
+    """
+    classes, samples = list_image_folder(root)
+    key = hashlib.sha1(f"{root.resolve()}|{image_size}|{skip_bad_images}".encode())
+    for path, _ in samples:
+        stat = path.stat()
+        key.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    cache_file = cache_dir / f"folder-{key.hexdigest()[:20]}.pt"
+    if cache_file.exists():
+        cached = torch.load(cache_file, weights_only=True)
+        return ImageSet(cached["images"], cached["labels"], cached["classes"], cached["paths"])
+
+    print(f"decoding {len(samples)} images in {root} (cached for later runs in {cache_dir})", file=sys.stderr)
+    images, labels, paths, bad = [], [], [], []
+    for path, label in samples:
+        try:
+            images.append(read_image(path, image_size))
+        except VitlabError as e:
+            if not skip_bad_images:
+                raise VitlabError(f"{e} (use --skip-bad-images to skip unreadable images)") from None
+            bad.append(path)
+            continue
+        labels.append(label)
+        paths.append(str(path))
+    if bad:
+        print(f"skipped {len(bad)} unreadable images, e.g. {bad[0]}", file=sys.stderr)
+    if not images:
+        raise VitlabError(f"data folder {root} has no readable images")
+    image_set = ImageSet(torch.stack(images), torch.tensor(labels), classes, paths)
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = cache_file.with_suffix(".part")
+    torch.save(
+        {"images": image_set.images, "labels": image_set.labels, "classes": classes, "paths": paths}, partial
+    )
+    os.replace(partial, cache_file)  # atomic: a crash never leaves a half-written cache
+    return image_set
+
+
+# --- synthetic data ------------------------------------------------------------------------------
+
+def make_fake(num_images: int = 2000, num_classes: int = 10, image_size: int = 32, seed: int = 0) -> ImageSet:
+    """Synthetic images that can be learned: each class is a coarse colour pattern plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    templates = torch.rand(num_classes, 3, 4, 4, generator=g)
+    templates = F.interpolate(templates, size=image_size, mode="nearest")  # (K, 3, H, W)
+    labels = torch.randint(num_classes, (num_images,), generator=g)
+    noise = 0.25 * torch.randn(num_images, 3, image_size, image_size, generator=g)
+    images = (templates[labels] + noise).clamp(0, 1).mul(255).round().to(torch.uint8)
+    return ImageSet(images, labels, [f"class_{i}" for i in range(num_classes)])
+
+
+def resize_images(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Resize a uint8 batch (N, C, H, W) to image_size x image_size (no-op when it already is)."""
+    if images.shape[-1] == image_size and images.shape[-2] == image_size:
+        return images
+    x = F.interpolate(images.float(), size=image_size, mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8)
