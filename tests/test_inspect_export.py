@@ -105,12 +105,14 @@ def test_bad_inputs_of_inspection_and_export(run, tmp_path, capsys):
     images, _, ckpt = run
     text = tmp_path / "notes.txt"
     text.write_text("hello")
+    fake_safetensors = tmp_path / "x.safetensors"
+    fake_safetensors.write_text("hello")
     cases = [
         (["export", "--checkpoint", ckpt, "--format", "tflite", "--out", tmp_path / "m.tflite"], "unknown export format 'tflite'"),
         (["attention", "--checkpoint", ckpt, text], "cannot read image .*notes.txt"),
         (["predict", "--onnx", text, images / "red" / "0.png"], "notes.txt is not an ONNX model"),
         (["predict", "--onnx", tmp_path / "none.onnx", images / "red" / "0.png"], "none.onnx does not exist"),
-        (["eval", "--checkpoint", text.rename(tmp_path / "x.safetensors"), "--data", "fake"], "not a safetensors file"),
+        (["eval", "--checkpoint", fake_safetensors, "--data", "fake"], "not a safetensors file"),
     ]
     for argv, message in cases:
         code, _, err = run_cli(capsys, *argv)
