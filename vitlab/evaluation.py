@@ -12,7 +12,8 @@ from vitlab.model import ViT
 
 @torch.no_grad()
 def predict_logits(model: ViT, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """uint8 images (N, C, H, W) -> logits (N, num_classes), normalised as the model was trained."""
+    """uint8 images (N, C, H, W) -> logits (N, num_classes), normalised as the model was trained.
+    `model` is a ViT from load_model, or anything with its class_names/image_mean/image_std (OnnxModel)."""
     chunks = [model(normalize(images[i:i + batch_size], model.image_mean, model.image_std))
               for i in range(0, len(images), batch_size)]
     return torch.cat(chunks)

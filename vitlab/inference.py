@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from vitlab.data.augment import normalize
 from vitlab.data.sources import is_image_file, read_image
 from vitlab.errors import VitlabError
+from vitlab.evaluation import predict_logits
 from vitlab.export import read_metadata
 from vitlab.model import ViT, ViTConfig
 
@@ -114,7 +114,7 @@ def predict(model: ViT | OnnxModel, paths: list[Path], top_k: int = 5, batch_siz
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
         images = torch.stack([read_image(p, model.config.image_size) for p in chunk])
-        probs = model(normalize(images, model.image_mean, model.image_std)).softmax(dim=-1)
+        probs = predict_logits(model, images).softmax(dim=-1)
         values, indices = probs.topk(top_k, dim=-1)
         for path, v, i in zip(chunk, values.tolist(), indices.tolist()):
             top = [{"class": model.class_names[c], "probability": round(p, 6)} for p, c in zip(v, i)]
