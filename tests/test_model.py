@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from vitlab import ViT, ViTConfig
+from vitlab.model import Dropout
 
 TINY = ViTConfig(image_size=32, patch_size=4, num_classes=10, dim=64, depth=2, heads=4)
 
@@ -127,3 +128,19 @@ def test_compact_options_conv_tokenizer_and_attention_pooling():
 def test_conv_tokenizer_needs_a_power_of_two_patch():
     with pytest.raises(ValueError, match="power of 2"):
         ViTConfig(tokenizer="conv", patch_size=6, image_size=36)
+
+
+def test_dropout_has_nn_dropout_statistics_and_gradient():
+    torch.manual_seed(0)
+    drop = Dropout(0.3).train()
+    x = torch.ones(1001, 999, requires_grad=True)  # an element count that is not a multiple of 4
+    y = drop(x)
+    zeros = (y == 0).float().mean().item()
+    assert abs(zeros - 0.3) < 0.003
+    assert torch.allclose(y[y != 0], torch.tensor(1 / (1 - round(0.3 * 65536) / 65536)))
+    assert abs(y.mean().item() - 1) < 0.01  # unbiased
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient flows through exactly the kept elements, scaled
+    assert not torch.equal(drop(x), y)  # a new mask every call
+    assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
+    assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
