@@ -66,16 +66,20 @@ def test_checkpoint_holds_config_and_class_names(trained_run):
 
 def test_eval_json_agrees_with_training_validation(trained_run, capsys, tmp_path):
     images, run_dir = trained_run
-    code, out, _ = run_cli(capsys, "eval", "--checkpoint", run_dir / "checkpoints" / "last.ckpt",
-                           "--data", f"folder:{images}", "--json")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    code, out, _ = run_cli(capsys, "eval", "--checkpoint", last, "--data", f"folder:{images}", "--json")
     assert code == 0
     result = json.loads(out)
     assert set(result) >= {"accuracy", "loss", "per_class", "n"}
     assert result["n"] == 36 and set(result["per_class"]) == {"blue", "green", "red"}
-    assert 0 <= result["accuracy"] <= 1
+    # --held-out scores exactly the images training validated on, so it reproduces the last val_acc.
+    code, out, _ = run_cli(capsys, "eval", "--checkpoint", last, "--data", f"folder:{images}", "--json",
+                           "--held-out", "--val-fraction", "0.25")
+    held_out = json.loads(out)
+    assert code == 0 and held_out["n"] == 9
+    assert held_out["accuracy"] == pytest.approx(float(read_metrics(run_dir)[-1]["val_acc"]), abs=1e-6)
     # Human-readable form too.
-    code, out, _ = run_cli(capsys, "eval", "--checkpoint", run_dir / "checkpoints" / "last.ckpt",
-                           "--data", f"folder:{images}")
+    code, out, _ = run_cli(capsys, "eval", "--checkpoint", last, "--data", f"folder:{images}", "--flip-tta")
     assert code == 0 and "accuracy" in out and "green" in out
 
 

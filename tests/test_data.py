@@ -29,17 +29,21 @@ def test_cifar_download_checks_and_parses_pickled_batches(tmp_path, fake_cifar_u
     root = tmp_path / "data"
     config = DataConfig(source="cifar10", root=str(root))
     train, val, mean, std = load_train_val(config, image_size=32)
-    assert train.images.shape == (100, 3, 32, 32) and train.images.dtype == torch.uint8
-    assert len(val) == 20 and train.classes == [f"c{i}" for i in range(10)]
-    assert mean == CIFAR["cifar10"].mean
+    # Validation is held out of the 100 train images; the 20 test images are only for `vitlab eval`.
+    assert (len(train), len(val)) == (90, 10) and train.images.dtype == torch.uint8
+    assert train.classes == [f"c{i}" for i in range(10)] and mean == CIFAR["cifar10"].mean
+    test = load_eval_set(config, 32, train.classes)
+    assert test.images.shape == (20, 3, 32, 32)
     # Row layout: 1024 red values, then green, then blue, each row-major.
-    with open(root / "cifar-10-batches-py" / "data_batch_1", "rb") as f:
+    with open(root / "cifar-10-batches-py" / "test_batch", "rb") as f:
         first = pickle.load(f, encoding="latin1")
-    assert torch.equal(train.images[0], torch.from_numpy(first["data"][0].reshape(3, 32, 32)))
-    assert train.labels[0].item() == first["labels"][0]
+    assert torch.equal(test.images[0], torch.from_numpy(first["data"][0].reshape(3, 32, 32)))
+    assert test.labels[0].item() == first["labels"][0]
+    held_out = load_eval_set(config, 32, train.classes, held_out=True)
+    assert torch.equal(held_out.images, val.images)
     # Once unpacked it is not downloaded again.
     fake_cifar_url.unlink()
-    assert len(load_train_val(config, image_size=32)[0]) == 100
+    assert len(load_train_val(config, image_size=32)[0]) == 90
 
 
 def test_cifar_download_failure_says_how_to_use_a_local_copy(tmp_path, monkeypatch):
@@ -135,13 +139,13 @@ def test_sibling_val_folder_is_used_as_validation(tmp_path):
 
 def test_eval_set_matches_folder_classes_to_model_classes(tmp_path):
     root = write_image_folder(tmp_path / "imgs", per_class=2)
-    config = DataConfig(cache_dir=str(tmp_path / "cache"))
-    image_set = load_eval_set(f"folder:{root}", config, 32, ["red", "green", "blue", "black"])
+    config = DataConfig(source=f"folder:{root}", cache_dir=str(tmp_path / "cache"))
+    image_set = load_eval_set(config, 32, ["red", "green", "blue", "black"])
     assert image_set.classes == ["red", "green", "blue", "black"]
     # Folder classes sort as blue, green, red; labels must now index the model's classes.
     assert image_set.labels.tolist() == [2, 2, 1, 1, 0, 0]
     with pytest.raises(VitlabError, match="classes the model does not know: red"):
-        load_eval_set(f"folder:{root}", config, 32, ["green", "blue"])
+        load_eval_set(config, 32, ["green", "blue"])
 
 
 def test_unknown_source_is_refused():

@@ -1,4 +1,4 @@
-"""Attention maps, evaluation reports, learning curves and exports, end to end through the CLI."""
+"""Evaluation (flip TTA, reports), attention maps, learning curves and exports, end to end through the CLI."""
 
 import json
 import re
@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from vitlab import ViT, ViTConfig, load_model
+from vitlab.evaluation import predict_logits
 from vitlab.inspection import attention_summary
 from tests.test_cli import run_cli, train_tiny_run
 
@@ -120,3 +121,14 @@ def test_bad_inputs_of_inspection_and_export(run, tmp_path, capsys):
         assert code == 1 and len(errors) == 1, (argv, err)
         assert re.search(message, errors[0]), (argv, err)
     assert not (tmp_path / "m.tflite").exists()
+
+
+def test_flip_tta_averages_logits_of_image_and_mirror():
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(image_size=8, patch_size=4, dim=16, depth=1, heads=2, num_classes=3)).eval()
+    torch.nn.init.normal_(model.head.weight)  # the head starts at zero: give the logits something to show
+    model.image_mean, model.image_std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    plain, mirrored = predict_logits(model, images), predict_logits(model, images.flip(3))
+    assert torch.allclose(predict_logits(model, images, batch_size=2, flip=True), (plain + mirrored) / 2, atol=1e-6)
+    assert not torch.allclose(plain, mirrored)

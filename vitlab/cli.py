@@ -38,9 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="accuracy, loss and per-class accuracy of a checkpoint")
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--data", required=True, help="cifar10, cifar100 (test split), fake, or folder:PATH (every image)")
+    p.add_argument("--held-out", action="store_true",
+                   help="score only the part of --data that training holds out for validation")
+    p.add_argument("--val-fraction", type=float, help="the held-out fraction the run trained with (default 0.1)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--report", type=Path, metavar="DIR",
                    help="write confusion matrix, per-class accuracy and worst-error figures and report.json")
+    p.add_argument("--flip-tta", action="store_true",
+                   help="test-time augmentation: average the logits of each image and its mirror image")
     add_data_options(p)
 
     p = sub.add_parser("predict", help="top-k classes of images")
@@ -117,8 +122,8 @@ def cmd_eval(args):
 
     model = load_model(args.checkpoint)
     data = configs.resolve(flags=flag_values(args, ["data"])).data
-    image_set = load_eval_set(args.data, data, model.config.image_size, model.class_names)
-    result, logits = evaluate(model, image_set)
+    image_set = load_eval_set(data, model.config.image_size, model.class_names, held_out=args.held_out)
+    result, logits = evaluate(model, image_set, flip=args.flip_tta)
     if args.report:
         write_report(args.report, result, logits, image_set, model.class_names)
     if args.json:

@@ -11,18 +11,25 @@ from vitlab.model import ViT
 
 
 @torch.no_grad()
-def predict_logits(model: ViT, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+def predict_logits(model: ViT, images: torch.Tensor, batch_size: int = 500, flip: bool = False) -> torch.Tensor:
     """uint8 images (N, C, H, W) -> logits (N, num_classes), normalised as the model was trained.
-    `model` is a ViT from load_model, or anything with its class_names/image_mean/image_std (OnnxModel)."""
-    chunks = [model(normalize(images[i:i + batch_size], model.image_mean, model.image_std))
-              for i in range(0, len(images), batch_size)]
+    `model` is a ViT from load_model, or anything with its class_names/image_mean/image_std (OnnxModel).
+    flip: test-time augmentation, the mean of the logits of each image and its mirror image."""
+    chunks = []
+    for i in range(0, len(images), batch_size):
+        batch = normalize(images[i:i + batch_size], model.image_mean, model.image_std)
+        logits = model(batch)
+        if flip:
+            logits = (logits + model(batch.flip(3))) / 2
+        chunks.append(logits)
     return torch.cat(chunks)
 
 
-def evaluate(model: ViT, image_set: ImageSet) -> tuple[dict, torch.Tensor]:
+def evaluate(model: ViT, image_set: ImageSet, flip: bool = False) -> tuple[dict, torch.Tensor]:
     """Accuracy, mean cross-entropy, per-class accuracy and confusion matrix of model on image_set
-    (whose labels index model.class_names); also returns the logits for further analysis."""
-    logits = predict_logits(model, image_set.images)
+    (whose labels index model.class_names); also returns the logits for further analysis.
+    flip: average each image's logits with its mirror image's (see predict_logits)."""
+    logits = predict_logits(model, image_set.images, flip=flip)
     labels = image_set.labels
     num_classes = len(model.class_names)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)  # rows: true, columns: predicted

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from vitlab.data.augment import AUGMENTATIONS, normalize, random_crop_flip, tutorial_transform
 from vitlab.data.sources import (
@@ -34,12 +34,15 @@ class DataConfig:
     batch_size: int = 128
     num_workers: int = 0  # loader processes; only the per-sample `tutorial` augmentation needs them
     augment: str = "crop-flip"  # crop-flip (batched, fast) | tutorial (per-sample) | none
+    crop_padding: int = 4  # crop-flip translates images by up to this many pixels
     autoaugment: bool = False  # add AutoAugment(CIFAR10) to the `tutorial` augmentation
     skip_bad_images: bool = False  # skip unreadable images in folders instead of stopping
 
     def __post_init__(self):
         if self.augment not in AUGMENTATIONS:
             raise VitlabError(f"data.augment must be one of {', '.join(AUGMENTATIONS)}, not '{self.augment}'")
+        if self.crop_padding < 0:
+            raise VitlabError(f"data.crop_padding must be 0 or more, not {self.crop_padding}")
         if not 0 < self.val_fraction < 1:
             raise VitlabError(f"data.val_fraction must be between 0 and 1, not {self.val_fraction}")
         parse_source(self.source)
@@ -87,11 +90,11 @@ def load_cifar(name: str, config: DataConfig, image_size: int, train: bool) -> I
 
 
 def load_train_val(config: DataConfig, image_size: int) -> tuple[ImageSet, ImageSet, tuple, tuple]:
-    """(train, val, mean, std) for a source. Validation is the source's own split when it has one
-    (CIFAR's test batches, a sibling `val/` folder), else a seeded part of train."""
+    """(train, val, mean, std) for a source. Validation is a sibling `val/` folder when there is one,
+    else a seeded part of train. CIFAR's test split is never used in training: `vitlab eval` scores it."""
     kind, path = parse_source(config.source)
     if kind in CIFAR:
-        train, val = load_cifar(kind, config, image_size, True), load_cifar(kind, config, image_size, False)
+        train, val = split_train_val(load_cifar(kind, config, image_size, True), config.val_fraction, config.split_seed)
         return train, val, CIFAR[kind].mean, CIFAR[kind].std
     if kind == "fake":
         train, val = split_train_val(make_fake(image_size=image_size), config.val_fraction, config.split_seed)
@@ -106,20 +109,22 @@ def load_train_val(config: DataConfig, image_size: int) -> tuple[ImageSet, Image
     return train, val, mean, std
 
 
-def load_eval_set(source: str, config: DataConfig, image_size: int, classes: list[str]) -> ImageSet:
-    """The images `vitlab eval` scores: CIFAR's test split, every image of a folder, or fake's held-out part."""
-    kind, path = parse_source(source)
-    if kind in CIFAR:
+def load_eval_set(config: DataConfig, image_size: int, classes: list[str], held_out: bool = False) -> ImageSet:
+    """The images `vitlab eval` scores: with held_out, the validation part of the source exactly as
+    training splits it (fake data has only that); else CIFAR's test split or every image of a folder."""
+    kind, path = parse_source(config.source)
+    if held_out or kind == "fake":
+        image_set = load_train_val(config, image_size)[1]
+    elif kind in CIFAR:
         image_set = load_cifar(kind, config, image_size, train=False)
-    elif kind == "fake":
-        _, image_set = split_train_val(make_fake(image_size=image_size), config.val_fraction, config.split_seed)
     else:
         image_set = load_folder(path, config, image_size)
-    return align_classes(image_set, classes, f"data folder {path}" if path else source)
+    return align_classes(image_set, classes, f"data folder {path}" if path else config.source)
 
 
 class ImageTensorDataset(Dataset):
-    """Samples of an in-memory ImageSet, optionally through a per-sample transform."""
+    """Samples of an in-memory ImageSet, optionally through a per-sample transform. Without one,
+    `index` may be a list of indices: a whole batch is then one indexing operation."""
 
     def __init__(self, image_set: ImageSet, transform=None):
         self.image_set = image_set
@@ -128,7 +133,7 @@ class ImageTensorDataset(Dataset):
     def __len__(self) -> int:
         return len(self.image_set)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.image_set.images[index]
         if self.transform is not None:
             image = self.transform(image)
@@ -153,28 +158,28 @@ class ImageDataModule(L.LightningDataModule):
     def classes(self) -> list[str]:
         return self.train_set.classes
 
-    def loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+    def loader(self, dataset: ImageTensorDataset, train: bool) -> DataLoader:
+        order = RandomSampler(dataset) if train else SequentialSampler(dataset)
+        # Training drops the last partial batch: every step sees a full batch (and, compiled, one shape).
+        batches = BatchSampler(order, self.config.batch_size, drop_last=train and len(dataset) > self.config.batch_size)
+        pin = torch.cuda.is_available()
+        if dataset.transform is None:  # whole batches by one indexing op each: no per-sample Python
+            return DataLoader(dataset, sampler=batches, batch_size=None, pin_memory=pin)
         workers = self.config.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=self.config.batch_size,
-            shuffle=shuffle,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        return DataLoader(dataset, batch_sampler=batches, num_workers=workers, persistent_workers=workers > 0,
+                          pin_memory=pin)
 
     def train_dataloader(self) -> DataLoader:
         transform = None
         if self.config.augment == "tutorial":
             transform = tutorial_transform(self.image_size, self.config.autoaugment)
-        return self.loader(ImageTensorDataset(self.train_set, transform), shuffle=True)
+        return self.loader(ImageTensorDataset(self.train_set, transform), train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self.loader(ImageTensorDataset(self.val_set), shuffle=False)
+        return self.loader(ImageTensorDataset(self.val_set), train=False)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
         if self.trainer is not None and self.trainer.training and self.config.augment == "crop-flip":
-            images = random_crop_flip(images)
+            images = random_crop_flip(images, self.config.crop_padding)
         return normalize(images, self.mean, self.std), labels
