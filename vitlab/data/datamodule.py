@@ -29,7 +29,7 @@ class DataConfig:
     source: str = "cifar10"  # cifar10 | cifar100 | fake | folder:PATH
     root: str = "data"  # where CIFAR is downloaded to
     cache_dir: str = "~/.cache/vitlab"  # decoded image folders are cached here
-    val_fraction: float = 0.1  # held out of train when the source has no validation split of its own
+    val_fraction: float = 0.1  # held out of train unless a folder has a sibling val/ folder
     split_seed: int = 0  # fixes the held-out part, independently of the training seed
     batch_size: int = 128
     num_workers: int = 0  # loader processes; only the per-sample `tutorial` augmentation needs them
@@ -94,18 +94,17 @@ def load_train_val(config: DataConfig, image_size: int) -> tuple[ImageSet, Image
     else a seeded part of train. CIFAR's test split is never used in training: `vitlab eval` scores it."""
     kind, path = parse_source(config.source)
     if kind in CIFAR:
-        train, val = split_train_val(load_cifar(kind, config, image_size, True), config.val_fraction, config.split_seed)
-        return train, val, CIFAR[kind].mean, CIFAR[kind].std
-    if kind == "fake":
-        train, val = split_train_val(make_fake(image_size=image_size), config.val_fraction, config.split_seed)
+        images = load_cifar(kind, config, image_size, train=True)
+    elif kind == "fake":
+        images = make_fake(image_size=image_size)
     else:
         images = load_folder(path, config, image_size)
         sibling = path.resolve().parent / "val"
         if path.resolve().name != "val" and sibling.is_dir():
-            train, val = images, align_classes(load_folder(sibling, config, image_size), images.classes, str(sibling))
-        else:
-            train, val = split_train_val(images, config.val_fraction, config.split_seed)
-    mean, std = train.mean_std()
+            val = align_classes(load_folder(sibling, config, image_size), images.classes, str(sibling))
+            return images, val, *images.mean_std()
+    train, val = split_train_val(images, config.val_fraction, config.split_seed)
+    mean, std = (CIFAR[kind].mean, CIFAR[kind].std) if kind in CIFAR else train.mean_std()
     return train, val, mean, std
 
 
