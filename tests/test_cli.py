@@ -205,3 +205,20 @@ def test_fake_source_trains_end_to_end(tmp_path, capsys):
                            "--data", "fake", "--json")
     # eval on fake scores exactly the held-out part that training validated on.
     assert json.loads(out)["accuracy"] == pytest.approx(float(read_metrics(tmp_path / "run")[-1]["val_acc"]), abs=1e-6)
+
+
+def test_flip_tta_validation_is_what_eval_flip_tta_scores(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert run_cli(capsys, "train", "--preset", "smoke", "--data", "fake", "--max-epochs", "1",
+                   "--run-dir", run_dir, "model.dim=32", "trainer.val_flip_tta=true")[0] == 0
+    last_val = read_metrics(run_dir)[-1]
+    scores = {}
+    for flags in [(), ("--flip-tta",)]:
+        code, out, _ = run_cli(capsys, "eval", "--checkpoint", run_dir / "checkpoints" / "last.ckpt",
+                               "--data", "fake", "--json", *flags)
+        assert code == 0
+        scores[flags] = json.loads(out)
+    tta = scores[("--flip-tta",)]
+    assert tta["accuracy"] == pytest.approx(float(last_val["val_acc"]), abs=1e-6)
+    assert tta["loss"] == pytest.approx(float(last_val["val_loss"]), abs=1e-4)
+    assert scores[()]["loss"] != pytest.approx(tta["loss"], abs=1e-4)  # the mirror images did count

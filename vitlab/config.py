@@ -32,6 +32,7 @@ class TrainerConfig:
     seed: int = 0
     compile: bool = False  # torch.compile the model
     gradient_clip: float | None = None  # clip the gradient norm to this value
+    val_flip_tta: bool = False  # validate with flip test-time augmentation (as `vitlab eval --flip-tta`)
 
     def __post_init__(self):
         if self.max_time is not None:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from vitlab.data.augment import normalize
 from vitlab.data.sources import ImageSet
-from vitlab.model import ViT
+from vitlab.model import ViT, flip_tta_logits
 
 
 @torch.no_grad()
@@ -18,10 +18,7 @@ def predict_logits(model: ViT, images: torch.Tensor, batch_size: int = 500, flip
     chunks = []
     for i in range(0, len(images), batch_size):
         batch = normalize(images[i:i + batch_size], model.image_mean, model.image_std)
-        logits = model(batch)
-        if flip:
-            logits = (logits + model(batch.flip(3))) / 2
-        chunks.append(logits)
+        chunks.append(flip_tta_logits(model, batch) if flip else model(batch))
     return torch.cat(chunks)
 
 

@@ -329,6 +329,12 @@ class ViT(nn.Module):
         return forward_flops(self, (1, c.in_channels, c.image_size, c.image_size))
 
 
+def flip_tta_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Test-time augmentation: the mean of the logits of each image (B, C, H, W) and of its mirror
+    image; mirrored images are as likely as the originals under flip augmentation."""
+    return (model(images) + model(images.flip(3))) / 2
+
+
 def forward_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Counted FLOPs of model's forward pass on a zero input of input_shape, in eval mode."""
     from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
