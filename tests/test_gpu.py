@@ -10,10 +10,9 @@ from vitlab.evaluation import predict_logits
 from vitlab.model import Dropout
 from vitlab.training.run import default_precision
 from tests.conftest import write_image_folder
+from tests.test_cli import TINY
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-TINY = ["model.dim=32", "model.depth=1", "model.heads=2", "model.patch_size=8", "data.batch_size=8"]
 
 
 def test_gpu_trains_in_bf16_and_its_checkpoint_runs_on_the_cpu(tmp_path):
