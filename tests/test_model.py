@@ -120,9 +120,9 @@ def test_compact_options_conv_tokenizer_and_attention_pooling():
     torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
     # Counting FLOPs must not disturb BatchNorm statistics.
     model.train()
-    before = model.patch_embed.layers[1].running_mean.clone()
+    before = model.patch_embed.layers[2].running_mean.clone()
     assert model.flops_per_image() > 0 and model.training
-    torch.testing.assert_close(model.patch_embed.layers[1].running_mean, before)
+    torch.testing.assert_close(model.patch_embed.layers[2].running_mean, before)
 
 
 def test_conv_tokenizer_needs_a_power_of_two_patch():

@@ -81,4 +81,4 @@ def test_decay_rule_spares_batchnorm_of_the_conv_tokenizer():
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     assert "patch_embed.layers.0.weight" in decayed and "pool.score.weight" in decayed
-    assert "patch_embed.layers.1.weight" not in decayed  # BatchNorm scale
+    assert "patch_embed.layers.2.weight" not in decayed  # BatchNorm scale
