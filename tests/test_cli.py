@@ -222,3 +222,53 @@ def test_flip_tta_validation_is_what_eval_flip_tta_scores(tmp_path, capsys):
     assert tta["accuracy"] == pytest.approx(float(last_val["val_acc"]), abs=1e-6)
     assert tta["loss"] == pytest.approx(float(last_val["val_loss"]), abs=1e-4)
     assert scores[()]["loss"] != pytest.approx(tta["loss"], abs=1e-4)  # the mirror images did count
+
+
+def test_ema_run_validates_and_saves_the_averaged_weights(tmp_path, capsys):
+    images = write_image_folder(tmp_path / "images", per_class=8)
+    run_dir = tmp_path / "run"
+    args = ["train", "--data", f"folder:{images}", "--run-dir", run_dir, "--val-fraction", "0.25",
+            *TINY, "trainer.ema_decay=0.9"]
+    assert run_cli(capsys, *args, "--max-epochs", "2")[0] == 0
+    last = run_dir / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    averaged, current = ckpt["state_dict"], ckpt["current_model_state"]
+    assert averaged.keys() == current.keys()
+    assert any(not torch.equal(averaged[k], current[k]) for k in averaged)
+    # The checkpoint's model is the average, and it is what validation scored.
+    code, out, _ = run_cli(capsys, "eval", "--checkpoint", last, "--data", f"folder:{images}",
+                           "--held-out", "--val-fraction", "0.25", "--json")
+    assert code == 0
+    assert json.loads(out)["accuracy"] == pytest.approx(float(read_metrics(run_dir)[-1]["val_acc"]), abs=1e-6)
+    # Resuming carries the average on.
+    assert run_cli(capsys, "train", "--resume", "--run-dir", run_dir, "--max-epochs", "3")[0] == 0
+    assert len(read_metrics(run_dir)) == 3
+
+
+def test_bad_ema_decay_is_a_one_line_error(image_folder, capsys):
+    code, _, err = run_cli(capsys, "train", "--data", f"folder:{image_folder}", *TINY, "trainer.ema_decay=1.5")
+    assert code == 1 and "trainer.ema_decay" in err and len(err.strip().splitlines()) == 1
+
+
+def test_last_checkpoint_and_last_row_are_the_final_weights(tmp_path, capsys):
+    """Validating every 2nd of 3 epochs: epoch 0 has no val columns, and the final epoch (which
+    Lightning would not validate) is validated after training, on the weights last.ckpt holds."""
+    images = write_image_folder(tmp_path / "images", per_class=8)
+    run_dir = tmp_path / "run"
+    code, _, _ = run_cli(capsys, "train", "--data", f"folder:{images}", "--run-dir", run_dir, "--max-epochs", "3",
+                         "--val-fraction", "0.25", *TINY, "trainer.val_every_n_epochs=2")
+    assert code == 0
+    rows = read_metrics(run_dir)
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"]
+    assert rows[0]["val_acc"] == "" and rows[1]["val_acc"] and rows[2]["val_acc"]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == int(rows[2]["step"])
+    code, out, _ = run_cli(capsys, "eval", "--checkpoint", last, "--data", f"folder:{images}",
+                           "--held-out", "--val-fraction", "0.25", "--json")
+    assert code == 0
+    assert json.loads(out)["accuracy"] == pytest.approx(float(rows[2]["val_acc"]), abs=1e-6)
+
+
+def test_bad_val_every_n_epochs_is_a_one_line_error(image_folder, capsys):
+    code, _, err = run_cli(capsys, "train", "--data", f"folder:{image_folder}", *TINY, "trainer.val_every_n_epochs=0")
+    assert code == 1 and "trainer.val_every_n_epochs" in err and len(err.strip().splitlines()) == 1

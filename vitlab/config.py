@@ -32,11 +32,18 @@ class TrainerConfig:
     seed: int = 0
     compile: bool = False  # torch.compile the model
     gradient_clip: float | None = None  # clip the gradient norm to this value
+    val_every_n_epochs: int = 1  # validate every n epochs; the final weights are always validated
     val_flip_tta: bool = False  # validate with flip test-time augmentation (as `vitlab eval --flip-tta`)
+    ema_decay: float | None = None  # keep an exponential moving average of the weights (e.g. 0.999); it is
+    # what validation scores and what checkpoints hold as the model; None = off
 
     def __post_init__(self):
         if self.max_time is not None:
             parse_duration(self.max_time)
+        if self.val_every_n_epochs < 1:
+            raise ValueError(f"trainer.val_every_n_epochs must be 1 or more, not {self.val_every_n_epochs}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"trainer.ema_decay must be between 0 and 1, not {self.ema_decay}")
 
 
 def parse_duration(text: str) -> timedelta:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from vitlab import config as configs
@@ -31,11 +31,28 @@ METRIC_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_acc", "val_loss", 
 
 class MetricsCSV(L.Callback):
     """Appends one row per epoch to RUN_DIR/metrics.csv, flushed at once, so a run that is still
-    going (or was resumed) can be read and plotted; earlier rows are never rewritten."""
+    going (or was resumed) can be read and plotted; earlier rows are never rewritten.
+
+    An epoch that was not validated gets empty val_* columns, except the run's final epoch: when a
+    time limit cuts it short, its row waits for the final validation that `train` runs, so the last
+    row always scores the final weights (those in last.ckpt).
+    """
 
     def __init__(self, path: Path):
         self.path = path
         self.start = time.monotonic()
+        self.validated_step = -1
+        self.pending: dict | None = None  # the final epoch's row, until its validation
+        self.written_step = -1  # a resumed run closes its checkpoint's epoch again: written once only
+        if path.is_file():
+            with open(path, newline="") as f:
+                self.written_step = max((int(r["step"]) for r in csv.DictReader(f)), default=-1)
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule):
+        self.validated_step = trainer.global_step
+        if self.pending is not None and self.pending["step"] == trainer.global_step:
+            self.write({**self.pending, **self.val_metrics(trainer)})
+            self.pending = None
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule):
         m = trainer.callback_metrics
@@ -45,16 +62,31 @@ class MetricsCSV(L.Callback):
             "lr": trainer.optimizers[0].param_groups[0]["lr"],
             "train_loss": m.get("train_loss_epoch"),
             "train_acc": m.get("train_acc"),
-            "val_loss": m.get("val_loss"),
-            "val_acc": m.get("val_acc"),
-            "elapsed_s": round(time.monotonic() - self.start, 1),
+            "val_loss": None,
+            "val_acc": None,
         }
+        if self.validated_step == trainer.global_step:
+            self.write({**row, **self.val_metrics(trainer)})
+        elif trainer.should_stop or trainer.current_epoch + 1 == trainer.max_epochs:
+            self.pending = row
+        else:
+            self.write(row)
+
+    @staticmethod
+    def val_metrics(trainer: L.Trainer) -> dict:
+        return {"val_loss": trainer.callback_metrics.get("val_loss"), "val_acc": trainer.callback_metrics.get("val_acc")}
+
+    def write(self, row: dict):
+        if row["step"] <= self.written_step:
+            return
+        row["elapsed_s"] = round(time.monotonic() - self.start, 1)
         new = not self.path.exists()
         with open(self.path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
             if new:
                 writer.writeheader()
             writer.writerow({k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in row.items()})
+        self.written_step = row["step"]
 
 
 def default_precision() -> str:
@@ -102,12 +134,19 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
     if "bf16" in precision and not torch.cuda.is_available():
         print(f"warning: precision {precision} without a GPU is very slow on most CPUs; "
               f"trainer.precision=32-true trains in fp32", file=sys.stderr)
+    metrics = MetricsCSV(run_dir / "metrics.csv")
     callbacks = [
+        # ModelCheckpoint's own save_last only copies a checkpoint when one is saved (val_acc improved),
+        # so last.ckpt has its own checkpointer: written at the end of every epoch, the final one too.
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_on_train_epoch_end=True,
+                        enable_version_counter=False),
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_acc", mode="max",
-                        save_last=True, enable_version_counter=False),
+                        enable_version_counter=False),
         LearningRateMonitor(logging_interval="step"),
-        MetricsCSV(run_dir / "metrics.csv"),
+        metrics,
     ]
+    if t.ema_decay is not None:
+        callbacks.append(EMAWeightAveraging(decay=t.ema_decay))
     if t.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor="val_loss", mode="min", patience=t.early_stopping_patience))
     trainer = L.Trainer(
@@ -120,6 +159,9 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
         logger=TensorBoardLogger(save_dir=run_dir, name="", version="tensorboard"),
         log_every_n_steps=10,
         num_sanity_val_steps=0,
+        check_val_every_n_epoch=t.val_every_n_epochs,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if metrics.pending is not None:  # the final weights have not been validated yet
+        trainer.validate(module, datamodule=datamodule, verbose=False)
     return run_dir / "checkpoints" / "last.ckpt"
