@@ -255,10 +255,11 @@ def test_last_checkpoint_and_last_row_are_the_final_weights(tmp_path, capsys):
     Lightning would not validate) is validated after training, on the weights last.ckpt holds."""
     images = write_image_folder(tmp_path / "images", per_class=8)
     run_dir = tmp_path / "run"
-    code, _, _ = run_cli(capsys, "train", "--data", f"folder:{images}", "--run-dir", run_dir, "--max-epochs", "3",
-                         "--val-fraction", "0.25", *TINY, "trainer.val_every_n_epochs=2")
+    code, out, _ = run_cli(capsys, "train", "--data", f"folder:{images}", "--run-dir", run_dir, "--max-epochs", "3",
+                           "--val-fraction", "0.25", *TINY, "trainer.val_every_n_epochs=2")
     assert code == 0
     rows = read_metrics(run_dir)
+    assert f"held-out accuracy {100 * float(rows[2]['val_acc']):.2f}%" in out
     assert [r["epoch"] for r in rows] == ["0", "1", "2"]
     assert rows[0]["val_acc"] == "" and rows[1]["val_acc"] and rows[2]["val_acc"]
     last = run_dir / "checkpoints" / "last.ckpt"

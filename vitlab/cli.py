@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import time
@@ -111,7 +112,11 @@ def cmd_train(args):
         config = configs.resolve(args.preset, args.config, flag_values(args), args.overrides)
     run_dir = args.run_dir or Path("runs") / f"{args.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
     last = train(config, run_dir, resume=args.resume)
-    print(f"run written to {run_dir} (last checkpoint: {last})")
+    with open(run_dir / "metrics.csv", newline="") as f:
+        final_acc = list(csv.DictReader(f))[-1]["val_acc"]  # the last row scores last.ckpt
+    tta = " with flip TTA" if config.trainer.val_flip_tta else ""
+    print(f"run written to {run_dir} (last checkpoint: {last}, held-out accuracy{tta} "
+          f"{100 * float(final_acc):.2f}%)")
 
 
 def cmd_eval(args):
