@@ -162,6 +162,6 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
         check_val_every_n_epoch=t.val_every_n_epochs,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    if metrics.pending is not None:  # the final weights have not been validated yet
+    if metrics.pending is not None and not trainer.interrupted:  # the final weights are not validated yet
         trainer.validate(module, datamodule=datamodule, verbose=False)
     return run_dir / "checkpoints" / "last.ckpt"
