@@ -3,6 +3,10 @@ config, and a re-implementation of the tutorial's model; achieved GFLOP/s agains
 matmul peak; and the data pipeline's images/s.
 
     python benchmarks/throughput.py [--seconds 10] [--configs tutorial-cpu tiny cpu-hour] [--no-compile]
+    python benchmarks/throughput.py --configs cpu-hour cpu-hour+model.depth=5 ...   # preset variants
+
+With several configs, each config's vitlab rate is also given relative to the first config's: how
+many more (or fewer) steps a variant gets in the same time budget.
 
 A train step is forward + backward + AdamW (the same optimiser for every model) on a batch of random
 images, fp32, on the CPU (or the GPU with --device cuda). Each model is measured eager and, unless
@@ -12,6 +16,7 @@ images, fp32, on the CPU (or the GPU with --device cuda). Each model is measured
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 
@@ -82,6 +87,17 @@ class TutorialViT(nn.Module):
         return self.head(x[:, 0])
 
 
+def cct_stem_vit(c: ViTConfig) -> nn.Module:
+    """vitlab's conv-tokenizer ViT with the stem in the CCT order, conv -> BN -> ReLU -> max-pool 3x3
+    stride 2, kept only for comparison: vitlab pools first (2x2), so BN and ReLU see a quarter of the pixels."""
+    model = ViT(c)
+    layers = []
+    for conv in [m for m in model.patch_embed.layers if isinstance(m, nn.Conv2d)]:
+        layers += [conv, nn.BatchNorm2d(conv.out_channels), nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1)]
+    model.patch_embed.layers = nn.Sequential(*layers)
+    return model
+
+
 def timm_vit(c: ViTConfig) -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
@@ -139,10 +155,12 @@ def data_rates(image_size: int, batch: int, seconds: float) -> dict[str, float]:
 
 
 def named_config(name: str) -> tuple[ViTConfig, int]:
+    """'tiny', a preset, or a preset with overrides: 'cpu-hour+model.depth=5+model.mlp_ratio=3'."""
     if name == "tiny":
         return ViTConfig(dim=192, depth=6, heads=3, patch_size=4), 128
-    run = configs.resolve(name)
-    return run.model, run.data.batch_size
+    preset, *overrides = name.split("+")
+    run = configs.resolve(preset, overrides=overrides)
+    return dataclasses.replace(run.model, num_classes=10), run.data.batch_size
 
 
 def main():
@@ -158,6 +176,7 @@ def main():
 
     peak = matmul_peak(args.seconds / 3, args.device)
     print(f"device {args.device}, {torch.get_num_threads()} threads; fp32 matmul peak {peak:.0f} GFLOP/s")
+    first = None  # (name, rates) of the first config, to which the others are compared
     for name in args.configs:
         c, batch = named_config(name)
         print(f"\n{name}: dim {c.dim}, depth {c.depth}, heads {c.heads}, patch {c.patch_size}, "
@@ -165,6 +184,8 @@ def main():
         builders = {"vitlab": ViT}
         if c.tokenizer == "patch" and c.pool == "cls":  # the plain ViT that timm and the tutorial build
             builders.update(timm=timm_vit, tutorial=TutorialViT)
+        if c.tokenizer == "conv":
+            builders["CCT-order stem"] = cct_stem_vit
         runs = [(k, False) for k in builders]
         if not args.no_compile:
             runs += [(k, True) for k in builders if k != "tutorial"]  # the tutorial ran eager
@@ -189,9 +210,16 @@ def main():
             print(f"  {label:18s} {f / 3e9:6.3f} GFLOP/image forward  {rate:8.1f} train images/s  "
                   f"{rate * f / 1e9:6.1f} GFLOP/s ({100 * rate * f / 1e9 / peak:3.0f}% of peak)")
         for ours, theirs in [("vitlab", "timm"), ("vitlab compiled", "timm compiled"),
-                             ("vitlab", "tutorial"), ("vitlab compiled", "tutorial")]:
+                             ("vitlab", "tutorial"), ("vitlab compiled", "tutorial"),
+                             ("vitlab", "CCT-order stem"), ("vitlab compiled", "CCT-order stem compiled")]:
             if ours in rates and theirs in rates:
                 print(f"  {ours} / {theirs}: {rates[ours] / rates[theirs]:.2f}x")
+        if first is None:
+            first = (name, rates)
+        else:
+            for label in ("vitlab", "vitlab compiled"):
+                if label in rates and label in first[1]:
+                    print(f"  {label} / {first[0]} {label}: {rates[label] / first[1][label]:.2f}x")
         for k, rate in data_rates(c.image_size, batch, args.seconds / 3).items():
             print(f"  data: {k:48s} {rate:9.0f} images/s")
 

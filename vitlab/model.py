@@ -72,7 +72,8 @@ class ConvTokenizer(nn.Module):
     of conv3x3 -> max-pool 2x2 -> BatchNorm -> ReLU, so that each token sees overlapping context
     and the model gets a convolution's locality prior, which matters on small data sets.
     Pooling comes first (as in airbench), so normalisation and activation touch a quarter of the
-    pixels: 1.14x the CPU train steps of conv -> BN -> ReLU -> max-pool 3x3."""
+    pixels (on a 2-core CPU 1.09x the compiled train steps of conv -> BN -> ReLU -> max-pool 3x3;
+    benchmarks/throughput.py --configs cpu-hour)."""
 
     def __init__(self, config: ViTConfig):
         super().__init__()
