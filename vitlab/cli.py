@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -98,7 +97,7 @@ def flag_values(args, sections=("data", "trainer")) -> dict:
 
 def cmd_train(args):
     from vitlab import config as configs
-    from vitlab.training.run import train
+    from vitlab.training.run import read_metric_rows, train
 
     if args.resume:
         if args.run_dir is None:
@@ -112,11 +111,10 @@ def cmd_train(args):
         config = configs.resolve(args.preset, args.config, flag_values(args), args.overrides)
     run_dir = args.run_dir or Path("runs") / f"{args.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
     last = train(config, run_dir, resume=args.resume)
-    with open(run_dir / "metrics.csv", newline="") as f:
-        final_acc = list(csv.DictReader(f))[-1]["val_acc"]  # the last row scores last.ckpt
+    final = read_metric_rows(run_dir)[-1]  # scores last.ckpt (empty only if training was interrupted)
     tta = " with flip TTA" if config.trainer.val_flip_tta else ""
-    print(f"run written to {run_dir} (last checkpoint: {last}, held-out accuracy{tta} "
-          f"{100 * float(final_acc):.2f}%)")
+    accuracy = f", held-out accuracy{tta} {100 * float(final['val_acc']):.2f}%" if final["val_acc"] else ""
+    print(f"run written to {run_dir} (last checkpoint: {last}{accuracy})")
 
 
 def cmd_eval(args):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 
@@ -34,11 +33,12 @@ def to_numpy_image(image: torch.Tensor) -> np.ndarray:
 # --- learning curves -----------------------------------------------------------------------------
 
 def read_metrics(run_dir: Path) -> dict[str, list[float]]:
+    from vitlab.training.run import read_metric_rows
+
     path = run_dir / "metrics.csv"
     if not path.is_file():
         raise VitlabError(f"{run_dir} has no metrics.csv (is it a vitlab run directory with a finished epoch?)")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_metric_rows(run_dir)
     if not rows:
         raise VitlabError(f"{path} has no epochs yet")
 

@@ -29,6 +29,15 @@ from vitlab.training.module import Classifier
 METRIC_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "elapsed_s"]
 
 
+def read_metric_rows(run_dir: Path) -> list[dict[str, str]]:
+    """The rows of RUN_DIR/metrics.csv as written (empty strings where a value is missing); [] if none."""
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 class MetricsCSV(L.Callback):
     """Appends one row per epoch to RUN_DIR/metrics.csv, flushed at once, so a run that is still
     going (or was resumed) can be read and plotted; earlier rows are never rewritten.
@@ -43,10 +52,8 @@ class MetricsCSV(L.Callback):
         self.start = time.monotonic()
         self.validated_step = -1
         self.pending: dict | None = None  # the final epoch's row, until its validation
-        self.written_step = -1  # a resumed run closes its checkpoint's epoch again: written once only
-        if path.is_file():
-            with open(path, newline="") as f:
-                self.written_step = max((int(r["step"]) for r in csv.DictReader(f)), default=-1)
+        # A resumed run closes its checkpoint's epoch again: each step's row is written once only.
+        self.written_step = max((int(r["step"]) for r in read_metric_rows(path.parent)), default=-1)
 
     def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule):
         self.validated_step = trainer.global_step
