@@ -79,7 +79,7 @@ def test_eval_json_agrees_with_training_validation(trained_run, capsys, tmp_path
     assert code == 0 and held_out["n"] == 9
     assert held_out["accuracy"] == pytest.approx(float(read_metrics(run_dir)[-1]["val_acc"]), abs=1e-6)
     # Human-readable form too.
-    code, out, _ = run_cli(capsys, "eval", "--checkpoint", last, "--data", f"folder:{images}", "--flip-tta")
+    code, out, _ = run_cli(capsys, "eval", "--checkpoint", last, "--data", f"folder:{images}", "--tta", "flip")
     assert code == 0 and "accuracy" in out and "green" in out
 
 
@@ -160,12 +160,16 @@ def bad_inputs(tmp_path, images, ckpt):
         (["train", "--data", "imagenet"], "unknown data source 'imagenet'"),
         (["train", "--data", "fake", "data.crop_padding=-1"], "data.crop_padding must be 0 or more, not -1"),
         (["train", "--resume", "--run-dir", tmp_path / "norun"], "config.yaml does not exist"),
+        (["train", "--data", "fake", "trainer.val_tta=crop"],
+         "trainer.val_tta must be one of none, flip, flip-shift, not 'crop'"),
         (["eval", "--checkpoint", tmp_path / "missing.ckpt", "--data", "fake"], "checkpoint .*missing.ckpt does not exist"),
         (["eval", "--checkpoint", not_ckpt, "--data", "fake"], "notes.ckpt is not a vitlab checkpoint"),
         (["eval", "--checkpoint", other_pickle, "--data", "fake"], "weights.ckpt is not a vitlab checkpoint"),
         (["eval", "--checkpoint", ckpt, "--data", f"folder:{unknown_class}"], "classes the model does not know: purple"),
         (["eval", "--checkpoint", ckpt, "--data", "fake", "--held-out", "--val-fraction", "1.5"],
          "data.val_fraction must be between 0 and 1, not 1.5"),
+        (["eval", "--checkpoint", ckpt, "--data", "fake", "--tta", "crop"],
+         "--tta must be one of none, flip, flip-shift, not 'crop'"),
         (["predict", "--checkpoint", ckpt, text], "cannot read image .*readme.txt"),
         (["predict", "--checkpoint", ckpt, tmp_path / "nothing.png"], "image .*nothing.png does not exist"),
         (["predict", "--checkpoint", ckpt, "--top-k", "0", text], "--top-k must be at least 1"),
@@ -207,21 +211,22 @@ def test_fake_source_trains_end_to_end(tmp_path, capsys):
     assert json.loads(out)["accuracy"] == pytest.approx(float(read_metrics(tmp_path / "run")[-1]["val_acc"]), abs=1e-6)
 
 
-def test_flip_tta_validation_is_what_eval_flip_tta_scores(tmp_path, capsys):
+@pytest.mark.parametrize("views", ["flip", "flip-shift"])
+def test_tta_validation_is_what_eval_tta_scores(tmp_path, capsys, views):
     run_dir = tmp_path / "run"
-    assert run_cli(capsys, "train", "--preset", "smoke", "--data", "fake", "--max-epochs", "1",
-                   "--run-dir", run_dir, "model.dim=32", "trainer.val_flip_tta=true")[0] == 0
+    code, out, _ = run_cli(capsys, "train", "--preset", "smoke", "--data", "fake", "--max-epochs", "1",
+                           "--run-dir", run_dir, "model.dim=32", f"trainer.val_tta={views}")
+    assert code == 0 and f"with {views} TTA" in out
     last_val = read_metrics(run_dir)[-1]
     scores = {}
-    for flags in [(), ("--flip-tta",)]:
+    for tta in ["none", views]:
         code, out, _ = run_cli(capsys, "eval", "--checkpoint", run_dir / "checkpoints" / "last.ckpt",
-                               "--data", "fake", "--json", *flags)
+                               "--data", "fake", "--json", "--tta", tta)
         assert code == 0
-        scores[flags] = json.loads(out)
-    tta = scores[("--flip-tta",)]
-    assert tta["accuracy"] == pytest.approx(float(last_val["val_acc"]), abs=1e-6)
-    assert tta["loss"] == pytest.approx(float(last_val["val_loss"]), abs=1e-4)
-    assert scores[()]["loss"] != pytest.approx(tta["loss"], abs=1e-4)  # the mirror images did count
+        scores[tta] = json.loads(out)
+    assert scores[views]["accuracy"] == pytest.approx(float(last_val["val_acc"]), abs=1e-6)
+    assert scores[views]["loss"] == pytest.approx(float(last_val["val_loss"]), abs=1e-4)
+    assert scores["none"]["loss"] != pytest.approx(scores[views]["loss"], abs=1e-4)  # the other views did count
 
 
 def test_ema_run_validates_and_saves_the_averaged_weights(tmp_path, capsys):

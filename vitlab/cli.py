@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--report", type=Path, metavar="DIR",
                    help="write confusion matrix, per-class accuracy and worst-error figures and report.json")
-    p.add_argument("--flip-tta", action="store_true",
-                   help="test-time augmentation: average the logits of each image and its mirror image")
+    p.add_argument("--tta", default="none", metavar="none|flip|flip-shift",
+                   help="test-time augmentation: average the logits of each image and its mirror image (flip), "
+                        "and of both translated 2 pixels up-left and down-right (flip-shift)")
     add_data_options(p)
 
     p = sub.add_parser("predict", help="top-k classes of images")
@@ -112,7 +113,7 @@ def cmd_train(args):
     run_dir = args.run_dir or Path("runs") / f"{args.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
     last = train(config, run_dir, resume=args.resume)
     final = read_metric_rows(run_dir)[-1]  # scores last.ckpt (empty only if training was interrupted)
-    tta = " with flip TTA" if config.trainer.val_flip_tta else ""
+    tta = f" with {config.trainer.val_tta} TTA" if config.trainer.val_tta != "none" else ""
     accuracy = f", held-out accuracy{tta} {100 * float(final['val_acc']):.2f}%" if final["val_acc"] else ""
     print(f"run written to {run_dir} (last checkpoint: {last}{accuracy})")
 
@@ -122,11 +123,14 @@ def cmd_eval(args):
     from vitlab.data.datamodule import load_eval_set
     from vitlab.evaluation import evaluate
     from vitlab.inference import load_model
+    from vitlab.model import TTA_VIEWS
 
+    if args.tta not in TTA_VIEWS:
+        raise VitlabError(f"--tta must be one of {', '.join(TTA_VIEWS)}, not '{args.tta}'")
     model = load_model(args.checkpoint)
     data = configs.resolve(flags=flag_values(args, ["data"])).data
     image_set = load_eval_set(data, model.config.image_size, model.class_names, held_out=args.held_out)
-    result, logits = evaluate(model, image_set, flip=args.flip_tta)
+    result, logits = evaluate(model, image_set, tta=args.tta)
     if args.report:
         write_report(args.report, result, logits, image_set, model.class_names)
     if args.json:

@@ -17,7 +17,7 @@ import yaml
 
 from vitlab.data.datamodule import DataConfig
 from vitlab.errors import VitlabError
-from vitlab.model import ViTConfig
+from vitlab.model import TTA_VIEWS, ViTConfig
 from vitlab.training.module import OptimConfig
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -33,7 +33,7 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the model
     gradient_clip: float | None = None  # clip the gradient norm to this value
     val_every_n_epochs: int = 1  # validate every n epochs; the final weights are always validated
-    val_flip_tta: bool = False  # validate with flip test-time augmentation (as `vitlab eval --flip-tta`)
+    val_tta: str = "none"  # validate with test-time augmentation: none, flip or flip-shift (as `vitlab eval --tta`)
     ema_decay: float | None = None  # keep an exponential moving average of the weights (e.g. 0.999); it is
     # what validation scores and what checkpoints hold as the model; None = off
 
@@ -42,6 +42,8 @@ class TrainerConfig:
             parse_duration(self.max_time)
         if self.val_every_n_epochs < 1:
             raise ValueError(f"trainer.val_every_n_epochs must be 1 or more, not {self.val_every_n_epochs}")
+        if self.val_tta not in TTA_VIEWS:
+            raise ValueError(f"trainer.val_tta must be one of {', '.join(TTA_VIEWS)}, not '{self.val_tta}'")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"trainer.ema_decay must be between 0 and 1, not {self.ema_decay}")
 

@@ -7,26 +7,26 @@ import torch.nn.functional as F
 
 from vitlab.data.augment import normalize
 from vitlab.data.sources import ImageSet
-from vitlab.model import ViT, flip_tta_logits
+from vitlab.model import ViT, tta_logits
 
 
 @torch.no_grad()
-def predict_logits(model: ViT, images: torch.Tensor, batch_size: int = 500, flip: bool = False) -> torch.Tensor:
+def predict_logits(model: ViT, images: torch.Tensor, batch_size: int = 500, tta: str = "none") -> torch.Tensor:
     """uint8 images (N, C, H, W) -> logits (N, num_classes), normalised as the model was trained.
     `model` is a ViT from load_model, or anything with its class_names/image_mean/image_std (OnnxModel).
-    flip: test-time augmentation, the mean of the logits of each image and its mirror image."""
+    tta: test-time augmentation, the views whose logits are averaged (model.tta_logits)."""
     chunks = []
     for i in range(0, len(images), batch_size):
         batch = normalize(images[i:i + batch_size], model.image_mean, model.image_std)
-        chunks.append(flip_tta_logits(model, batch) if flip else model(batch))
+        chunks.append(tta_logits(model, batch, tta))
     return torch.cat(chunks)
 
 
-def evaluate(model: ViT, image_set: ImageSet, flip: bool = False) -> tuple[dict, torch.Tensor]:
+def evaluate(model: ViT, image_set: ImageSet, tta: str = "none") -> tuple[dict, torch.Tensor]:
     """Accuracy, mean cross-entropy, per-class accuracy and confusion matrix of model on image_set
     (whose labels index model.class_names); also returns the logits for further analysis.
-    flip: average each image's logits with its mirror image's (see predict_logits)."""
-    logits = predict_logits(model, image_set.images, flip=flip)
+    tta: test-time augmentation (see predict_logits)."""
+    logits = predict_logits(model, image_set.images, tta=tta)
     labels = image_set.labels
     num_classes = len(model.class_names)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)  # rows: true, columns: predicted

@@ -332,10 +332,30 @@ class ViT(nn.Module):
         return forward_flops(self, (1, c.in_channels, c.image_size, c.image_size))
 
 
-def flip_tta_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Test-time augmentation: the mean of the logits of each image (B, C, H, W) and of its mirror
-    image; mirrored images are as likely as the originals under flip augmentation."""
-    return (model(images) + model(images.flip(3))) / 2
+TTA_VIEWS = ("none", "flip", "flip-shift")
+
+
+def tta_logits(model: nn.Module, images: torch.Tensor, views: str = "none") -> torch.Tensor:
+    """Test-time augmentation: the mean logits over views of each image (B, C, H, W) that crop-flip
+    training makes as likely as the image itself.
+    none: the image; flip: the image and its mirror image; flip-shift: those two, each also
+    translated by 2 pixels up-left and down-right (reflect-padded, as the training crop): 6 views."""
+    if views not in TTA_VIEWS:
+        raise ValueError(f"unknown test-time augmentation '{views}' (choose from {', '.join(TTA_VIEWS)})")
+    if views == "none":
+        return model(images)
+    batches = [images, images.flip(3)]
+    if views == "flip-shift":
+        batches += [translate(b, d, d) for b in batches for d in (-2, 2)]
+    return sum(model(b) for b in batches) / len(batches)
+
+
+def translate(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """images (B, C, H, W) moved by (dy, dx) pixels, the uncovered border filled by reflection."""
+    H, W = images.shape[-2:]
+    p = max(abs(dy), abs(dx))
+    padded = F.pad(images, (p, p, p, p), mode="reflect")
+    return padded[..., p - dy:p - dy + H, p - dx:p - dx + W]
 
 
 def forward_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:

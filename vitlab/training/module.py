@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Timer
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from vitlab.model import ViT, ViTConfig, flip_tta_logits
+from vitlab.model import ViT, ViTConfig, tta_logits
 
 
 @dataclass
@@ -52,18 +52,18 @@ class Classifier(L.LightningModule):
 
     The hyperparameters saved in every checkpoint (model config, optimiser config, class names and
     input normalisation) are all that is needed to rebuild and use the model.
-    val_flip_tta: validate on the mean logits of each image and its mirror image (flip_tta_logits).
+    val_tta: the test-time augmentation validation scores (model.tta_logits: none, flip, flip-shift).
     """
 
     def __init__(self, model: dict, optim: dict, class_names: list[str], image_mean: list, image_std: list,
-                 val_flip_tta: bool = False):
+                 val_tta: str = "none"):
         super().__init__()
         self.save_hyperparameters()
         self.model = ViT(ViTConfig(**model))
         self.model.class_names = list(class_names)
         self.model.image_mean, self.model.image_std = tuple(image_mean), tuple(image_std)
         self.optim = OptimConfig(**optim)
-        self.val_flip_tta = val_flip_tta
+        self.val_tta = val_tta
         num_classes = len(class_names)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -82,7 +82,7 @@ class Classifier(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         images, labels = batch
-        logits = flip_tta_logits(self.model, images) if self.val_flip_tta else self.model(images)
+        logits = tta_logits(self.model, images, self.val_tta)
         self.val_acc(logits, labels)
         self.log("val_loss", F.cross_entropy(logits, labels), on_epoch=True, prog_bar=True)
         self.log("val_acc", self.val_acc, on_epoch=True, prog_bar=True)
@@ -111,6 +111,6 @@ class Classifier(L.LightningModule):
 
     @staticmethod
     def hparams_for(model_config: ViTConfig, optim: OptimConfig, classes, mean, std,
-                    val_flip_tta: bool = False) -> dict:
+                    val_tta: str = "none") -> dict:
         return dict(model=asdict(model_config), optim=asdict(optim), class_names=list(classes),
-                    image_mean=list(mean), image_std=list(std), val_flip_tta=val_flip_tta)
+                    image_mean=list(mean), image_std=list(std), val_tta=val_tta)

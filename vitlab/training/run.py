@@ -132,7 +132,7 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
     model_config = dataclasses.replace(config.model, num_classes=len(datamodule.classes))
     module = Classifier(**Classifier.hparams_for(
         model_config, config.optim, datamodule.classes, datamodule.mean, datamodule.std,
-        config.trainer.val_flip_tta))
+        config.trainer.val_tta))
     if config.trainer.compile:
         module.model.compile()  # in place: parameter names, and so checkpoints, stay the same
 
