@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from vitlab import ViT, ViTConfig, load_model
-from vitlab.model import translate
 from vitlab.evaluation import predict_logits
 from vitlab.inspection import attention_summary
+from vitlab.model import translate
 from tests.test_cli import run_cli, train_tiny_run
 
 
@@ -145,5 +145,3 @@ def test_tta_averages_logits_of_mirrored_and_translated_views():
     assert torch.allclose(predict_logits(model, images, batch_size=2, tta="flip-shift"), expected, atol=1e-5)
     with pytest.raises(ValueError, match="unknown test-time augmentation 'crop'"):
         predict_logits(model, images, tta="crop")
-
-
