@@ -46,24 +46,26 @@ def test_presets_resolve_to_the_tutorial_settings():
 def test_resolution_order_and_type_checks(tmp_path):
     file = tmp_path / "c.yaml"
     file.write_text("model: {dim: 96, heads: 3}\noptim: {lr: 0.01}\n")
-    config = configs.resolve("smoke", file, {"trainer": {"max_epochs": 7}}, ["optim.lr=3e-4", "trainer.max_time=00:01:00"])
+    config = configs.resolve("smoke", file, {"trainer": {"max_epochs": 7}},
+                             {"optim.lr": 3e-4, "trainer.max_time": "00:01:00"})
     assert config.model.dim == 96 and config.model.depth == 2  # file over preset
     assert config.optim.lr == 3e-4  # override over file
     assert config.trainer.max_epochs == 7 and config.trainer.max_time == "00:01:00"
     with pytest.raises(VitlabError, match="unknown config key 'model.width'"):
-        configs.resolve(overrides=["model.width=3"])
+        configs.resolve(overrides={"model.width": 3})
     with pytest.raises(VitlabError, match="unknown config section 'modle'"):
-        configs.resolve(overrides=["modle.dim=3"])
+        configs.resolve(overrides={"modle.dim": 3})
     with pytest.raises(VitlabError, match="model.depth must be int"):
-        configs.resolve(overrides=["model.depth=deep"])
+        configs.resolve(overrides={"model.depth": "deep"})
     with pytest.raises(VitlabError, match="section.key=value"):
-        configs.resolve(overrides=["lr=3"])
+        configs.parse_override("lr=3")
+    assert configs.parse_override("model.depth=8") == ("model.depth", 8)
     with pytest.raises(VitlabError, match="invalid config in key=value overrides.*heads"):
-        configs.resolve(overrides=["model.heads=5"])
+        configs.resolve(overrides={"model.heads": 5})
 
 
 def test_saved_config_round_trips(tmp_path):
-    config = configs.resolve("tutorial-cpu", overrides=["data.source=fake"])
+    config = configs.resolve("tutorial-cpu", overrides={"data.source": "fake"})
     configs.save(config, tmp_path / "config.yaml")
     assert configs.load(tmp_path / "config.yaml") == config
 

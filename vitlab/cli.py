@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -29,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-epochs", type=int)
     p.add_argument("--max-time", help="stop after this wall time, HH:MM:SS")
     p.add_argument("--run-dir", type=Path, help="where the run is written (default: runs/NAME-TIMESTAMP)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from last.ckpt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir from last.ckpt (the same command plus --resume; "
+                        "only --max-epochs/--max-time may change)")
     p.add_argument("--seed", type=int)
     p.add_argument("--val-fraction", type=float, help="held-out fraction when the source has no validation split")
     add_data_options(p)
@@ -78,44 +79,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def flag_values(args, sections=("data", "trainer")) -> dict:
-    """The config values set by CLI flags, as {section: {key: value}} (flags not given are left out)."""
-    flags = {
-        "data": {
-            "source": getattr(args, "data", None),
-            "root": args.data_root,
-            "skip_bad_images": args.skip_bad_images,
-            "val_fraction": getattr(args, "val_fraction", None),
-        },
-        "trainer": {
-            "max_epochs": getattr(args, "max_epochs", None),
-            "max_time": getattr(args, "max_time", None),
-            "seed": getattr(args, "seed", None),
-        },
-    }
-    return {s: {k: v for k, v in flags[s].items() if v is not None} for s in sections}
+def data_flag_values(args) -> dict:
+    """The data config set by the shared data flags, as {"data": {key: value}} (flags not given left out)."""
+    values = {"root": args.data_root, "skip_bad_images": args.skip_bad_images,
+              "val_fraction": getattr(args, "val_fraction", None), "source": getattr(args, "data", None)}
+    return {"data": {k: v for k, v in values.items() if v is not None}}
 
 
 def cmd_train(args):
     from vitlab import config as configs
-    from vitlab.training.run import read_metric_rows, train
+    from vitlab.api import train
 
-    if args.resume:
-        if args.run_dir is None:
-            raise VitlabError("--resume needs --run-dir (the run to continue)")
-        if args.preset or args.config or args.overrides or args.data or args.seed is not None:
-            raise VitlabError("--resume continues the run's saved config; only --max-epochs/--max-time may change")
-        config = configs.load(args.run_dir / "config.yaml")
-        length = {k: v for k, v in flag_values(args, ["trainer"])["trainer"].items() if k.startswith("max_")}
-        config = configs.apply(config, {"trainer": length}, "--max-epochs/--max-time")
-    else:
-        config = configs.resolve(args.preset, args.config, flag_values(args), args.overrides)
-    run_dir = args.run_dir or Path("runs") / f"{args.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    last = train(config, run_dir, resume=args.resume)
-    final = read_metric_rows(run_dir)[-1]  # scores last.ckpt (empty only if training was interrupted)
-    tta = f" with {config.trainer.val_tta} TTA" if config.trainer.val_tta != "none" else ""
-    accuracy = f", held-out accuracy{tta} {100 * float(final['val_acc']):.2f}%" if final["val_acc"] else ""
-    print(f"run written to {run_dir} (last checkpoint: {last}{accuracy})")
+    overrides = {f"data.{k}": v for k, v in data_flag_values(args)["data"].items() if k != "source"}
+    overrides.update(configs.parse_override(text) for text in args.overrides)
+    run = train(args.preset, args.data, config=args.config, max_epochs=args.max_epochs, max_time=args.max_time,
+                run_dir=args.run_dir, seed=args.seed, resume=args.resume, overrides=overrides)
+    tta = f" with {run.config.trainer.val_tta} TTA" if run.config.trainer.val_tta != "none" else ""
+    accuracy = f", held-out accuracy{tta} {100 * run.accuracy:.2f}%" if run.accuracy is not None else ""
+    print(f"run written to {run.run_dir} (last checkpoint: {run.last_checkpoint}{accuracy})")
 
 
 def cmd_eval(args):
@@ -123,12 +104,12 @@ def cmd_eval(args):
     from vitlab.data.datamodule import load_eval_set
     from vitlab.evaluation import evaluate
     from vitlab.inference import load_model
-    from vitlab.model import TTA_VIEWS
+    from vitlab.evaluation import TTA_VIEWS
 
     if args.tta not in TTA_VIEWS:
         raise VitlabError(f"--tta must be one of {', '.join(TTA_VIEWS)}, not '{args.tta}'")
     model = load_model(args.checkpoint)
-    data = configs.resolve(flags=flag_values(args, ["data"])).data
+    data = configs.resolve(flags=data_flag_values(args)).data
     image_set = load_eval_set(data, model.config.image_size, model.class_names, held_out=args.held_out)
     result, logits = evaluate(model, image_set, tta=args.tta)
     if args.report:
@@ -174,10 +155,10 @@ def cmd_predict(args):
     model = OnnxModel(args.onnx) if args.onnx else load_model(args.checkpoint)
     for result in predict(model, expand_image_paths(args.images), args.top_k):
         if args.json:
-            print(json.dumps(result))
+            print(json.dumps(result), flush=True)
         else:
             top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in result["top"])
-            print(f"{result['path']}: {top}")
+            print(f"{result['path']}: {top}", flush=True)
 
 
 def cmd_info(args):
@@ -244,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[args.command](args)
     except VitlabError as e:
         print(f"vitlab {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        return getattr(e, "exit_code", 1)
+    except KeyboardInterrupt:
+        print(f"vitlab {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

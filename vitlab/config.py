@@ -2,6 +2,7 @@
 
 A run's config is resolved in this order, each step overriding the one before:
 dataclass defaults -> preset (vitlab/presets/NAME.yaml) -> --config FILE.yaml -> CLI flags -> key=value.
+A resumed run resolves its command on top of its saved config instead of the defaults.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import yaml
 
 from vitlab.data.datamodule import DataConfig
 from vitlab.errors import VitlabError
-from vitlab.model import TTA_VIEWS, ViTConfig
+from vitlab.io import atomic_write
+from vitlab.evaluation import TTA_VIEWS
+from vitlab.model import ViTConfig
 from vitlab.training.module import OptimConfig
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -36,23 +39,26 @@ class TrainerConfig:
     val_tta: str = "none"  # validate with test-time augmentation: none, flip or flip-shift (as `vitlab eval --tta`)
     ema_decay: float | None = None  # keep an exponential moving average of the weights (e.g. 0.999); it is
     # what validation scores and what checkpoints hold as the model; None = off
+    checkpoint_every: str = "00:10:00"  # also write last.ckpt this often (HH:MM:SS) part-way through an epoch,
+    # so a crash loses at most this much training; 00:00:00 = after every batch
 
     def __post_init__(self):
         if self.max_time is not None:
-            parse_duration(self.max_time)
+            parse_duration(self.max_time, "trainer.max_time")
+        parse_duration(self.checkpoint_every, "trainer.checkpoint_every")
         if self.val_every_n_epochs < 1:
-            raise ValueError(f"trainer.val_every_n_epochs must be 1 or more, not {self.val_every_n_epochs}")
+            raise VitlabError(f"trainer.val_every_n_epochs must be 1 or more, not {self.val_every_n_epochs}")
         if self.val_tta not in TTA_VIEWS:
-            raise ValueError(f"trainer.val_tta must be one of {', '.join(TTA_VIEWS)}, not '{self.val_tta}'")
+            raise VitlabError(f"trainer.val_tta must be one of {', '.join(TTA_VIEWS)}, not '{self.val_tta}'")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"trainer.ema_decay must be between 0 and 1, not {self.ema_decay}")
+            raise VitlabError(f"trainer.ema_decay must be between 0 and 1, not {self.ema_decay}")
 
 
-def parse_duration(text: str) -> timedelta:
+def parse_duration(text: str, what: str = "max_time") -> timedelta:
     """'HH:MM:SS' (or 'DD:HH:MM:SS') -> timedelta."""
     parts = str(text).split(":")
     if len(parts) not in (3, 4) or not all(p.isdigit() for p in parts):
-        raise ValueError(f"max_time must look like HH:MM:SS, not '{text}'")
+        raise VitlabError(f"{what} must look like HH:MM:SS, not '{text}'")
     days, hours, minutes, seconds = map(int, ([0] + parts)[-4:])
     return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
 
@@ -77,8 +83,13 @@ def read_yaml(path: Path, what: str) -> dict:
         raise VitlabError(f"{what} {path} does not exist")
     try:
         values = yaml.safe_load(path.read_text()) or {}
+    except yaml.constructor.ConstructorError as e:  # e.g. !!python/object tags: never constructed
+        raise VitlabError(f"refused {what} {path}: it has a YAML tag vitlab does not read ({e.problem.split(' tag ')[-1]}); "
+                          f"configs are plain data") from None
     except yaml.YAMLError as e:
         raise VitlabError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise VitlabError(f"cannot read {what} {path}: {e}") from None
     if not isinstance(values, dict):
         raise VitlabError(f"{what} {path} must be a mapping of sections (model, data, optim, trainer)")
     return values
@@ -136,13 +147,13 @@ def apply(config: RunConfig, values: dict, origin: str) -> RunConfig:
             changes[key] = coerce(value, hints[key], f"{section}.{key}")
         try:
             sections[section] = dataclasses.replace(current, **changes)
-        except ValueError as e:
+        except (VitlabError, ValueError) as e:
             raise VitlabError(f"invalid config in {origin}: {e}") from None
     return RunConfig(**sections)
 
 
-def parse_override(text: str) -> dict:
-    """'optim.lr=3e-4' -> {'optim': {'lr': 0.0003}} (the value is read as YAML)."""
+def parse_override(text: str) -> tuple[str, object]:
+    """'optim.lr=3e-4' -> ('optim.lr', 0.0003) (the value is read as YAML)."""
     key, sep, raw = text.partition("=")
     section, dot, name = key.partition(".")
     if not sep or not dot or not name:
@@ -151,13 +162,14 @@ def parse_override(text: str) -> dict:
         value = yaml.safe_load(raw) if raw else None
     except yaml.YAMLError:
         value = raw
-    return {section: {name: value}}
+    return key, value
 
 
 def resolve(preset: str | None = None, config_file: Path | None = None, flags: dict | None = None,
-            overrides=()) -> RunConfig:
-    """defaults -> preset -> config file -> CLI flags ({section: {key: value}}) -> key=value overrides."""
-    config = RunConfig()
+            overrides: dict | None = None, base: RunConfig | None = None) -> RunConfig:
+    """base (default: the defaults) -> preset -> config file -> flags ({section: {key: value}}) ->
+    overrides ({"section.key": value})."""
+    config = base or RunConfig()
     if preset:
         config = apply(config, preset_values(preset), f"preset {preset}")
     if config_file:
@@ -166,16 +178,40 @@ def resolve(preset: str | None = None, config_file: Path | None = None, flags: d
         config = apply(config, flags, "command-line flags")
     if overrides:
         # Applied together, so that e.g. model.dim=32 model.heads=2 is never checked half-way.
-        merged: dict = {}
-        for text in overrides:
-            for section, entries in parse_override(text).items():
-                merged.setdefault(section, {}).update(entries)
-        config = apply(config, merged, "key=value overrides")
+        nested: dict = {}
+        for key, value in overrides.items():
+            section, dot, name = key.partition(".")
+            if not dot or not name:
+                raise VitlabError(f"override key '{key}' must look like section.key, e.g. optim.lr")
+            nested.setdefault(section, {})[name] = value
+        config = apply(config, nested, "key=value overrides")
     return config
 
 
+# What a resumed run may change: its length. Everything else must be what the run was started with.
+RESUMABLE_CHANGES = ("trainer.max_epochs", "trainer.max_time")
+
+
+def resolve_resume(saved: RunConfig, preset=None, config_file=None, flags=None, overrides=None) -> RunConfig:
+    """The config of a resumed run: the original command's settings resolved on top of the run's
+    saved config give the saved config back (same command, same run), except for the run's length;
+    a setting that really differs is an error naming it and both values."""
+    config = resolve(preset, config_file, flags, overrides, base=saved)
+    before, after = flatten(saved.to_dict()), flatten(config.to_dict())
+    for key in before:
+        if before[key] != after[key] and key not in RESUMABLE_CHANGES:
+            raise VitlabError(f"--resume: {key} is {after[key]!r} here but {before[key]!r} in the run's "
+                              f"config.yaml; only --max-epochs and --max-time may change when resuming")
+    return config
+
+
+def flatten(values: dict) -> dict:
+    """{section: {key: value}} -> {"section.key": value}."""
+    return {f"{section}.{key}": v for section, entries in values.items() for key, v in entries.items()}
+
+
 def save(config: RunConfig, path: Path):
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write(path, yaml.safe_dump(config.to_dict(), sort_keys=False), "run config")
 
 
 def load(path: Path) -> RunConfig:

@@ -1,22 +1,34 @@
-"""Writing files so that a crash at any instant leaves either the old file or the new one, whole.
+"""Files that survive crashes and run no code when read.
+
+Writing: a crash at any instant leaves either the old file or the new one, whole.
 
 Every file vitlab writes (checkpoints, caches, exports, configs, reports) goes through
 `atomic_write`: the bytes go to a temporary file beside the target, are flushed to disk (fsync), and
 the temporary file is renamed over the target (atomic on POSIX); the directory is synced too, so
 the rename itself survives a power cut. A failed write (disk full, no permission) is a VitlabError
 that says what, where and how much space was free, and leaves the previous file untouched.
+
+Reading checkpoints: `read_checkpoint` loads with weights_only (no pickled code runs) and says
+exactly what is wrong with a file that is not a checkpoint vitlab can read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
+import torch
+
 from vitlab.errors import VitlabError
+
+# Bumped when a checkpoint's layout changes in a way older vitlab versions cannot read.
+CHECKPOINT_FORMAT = 1
+HPARAMS_KEYS = {"model", "class_names", "image_mean", "image_std"}
 
 
 def free_space(path: Path) -> str:
@@ -75,3 +87,27 @@ def sync_directory(directory: Path):
         pass
     finally:
         os.close(fd)
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint written by vitlab, loaded without running code, or a one-line error saying why not."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise VitlabError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise VitlabError(f"refused to load {path}: it holds objects that would run code when loaded "
+                              f"(vitlab loads checkpoints with weights_only); do not trust this file") from None
+        raise VitlabError(f"{path} is not a vitlab checkpoint (damaged or not a checkpoint)") from None
+    except Exception:  # torch raises many kinds for files that are not zip/pickle archives
+        raise VitlabError(f"{path} is not a vitlab checkpoint (damaged or not a checkpoint)") from None
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hparams, dict) or not HPARAMS_KEYS <= set(hparams) or "state_dict" not in checkpoint:
+        raise VitlabError(f"{path} is not a vitlab checkpoint (no vitlab model config or weights in it)")
+    found = checkpoint.get("vitlab", {}).get("format", 0)
+    if found > CHECKPOINT_FORMAT:
+        raise VitlabError(f"{path} was written by a newer vitlab ({checkpoint['vitlab'].get('version')}, "
+                          f"checkpoint format {found}; this vitlab reads up to {CHECKPOINT_FORMAT}): "
+                          f"upgrade vitlab")
+    return checkpoint

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vitlab.data.augment import AUGMENTATIONS, normalize, random_crop_flip, tutorial_transform
 from vitlab.data.sources import (
@@ -122,8 +122,8 @@ def load_eval_set(config: DataConfig, image_size: int, classes: list[str], held_
 
 
 class ImageTensorDataset(Dataset):
-    """Samples of an in-memory ImageSet, optionally through a per-sample transform. Without one,
-    `index` may be a list of indices: a whole batch is then one indexing operation."""
+    """Whole batches of an in-memory ImageSet: `index` is a list of indices, so a batch is one
+    indexing operation; a per-sample transform (the `tutorial` augmentation) runs on each image."""
 
     def __init__(self, image_set: ImageSet, transform=None):
         self.image_set = image_set
@@ -132,20 +132,72 @@ class ImageTensorDataset(Dataset):
     def __len__(self) -> int:
         return len(self.image_set)
 
-    def __getitem__(self, index: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self.image_set.images[index]
+    def __getitem__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        images = self.image_set.images[indices]
         if self.transform is not None:
-            image = self.transform(image)
-        return image, self.image_set.labels[index]
+            images = torch.stack([self.transform(image) for image in images])
+        return images, self.image_set.labels[indices]
+
+
+class EpochBatches(Sampler[list[int]]):
+    """The batches of one epoch, as lists of indices: a permutation seeded by (seed, epoch) when
+    shuffling, so any epoch's order can be made again, which is what lets a run resume part-way
+    through an epoch without taking the batches it already took (`state_dict`, `load_state_dict`).
+    Training drops the last partial batch: every step sees a full batch (and, compiled, one shape)."""
+
+    def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int = 0):
+        self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
+        self.drop_last = shuffle and size > batch_size
+        self.epoch = 0
+        self.skip = 0  # batches of this epoch already taken before a resume
+
+    def set_epoch(self, epoch: int):  # Lightning calls this at the start of every epoch
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size // self.batch_size if self.drop_last else -(-self.size // self.batch_size)
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        else:
+            order = torch.arange(self.size)
+        start, self.skip = self.skip, 0
+        for i in range(start, len(self)):
+            yield order[i * self.batch_size:(i + 1) * self.batch_size].tolist()
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over EpochBatches that counts the batches training has taken, so a checkpoint
+    records where in the epoch it was made (Lightning saves `state_dict` of loaders that have one)."""
+
+    def __init__(self, dataset: ImageTensorDataset, batches: EpochBatches, num_workers: int = 0):
+        super().__init__(dataset, sampler=batches, batch_size=None, num_workers=num_workers,
+                         persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+        self.taken = 0
+
+    def __iter__(self):
+        self.taken = self.sampler.skip
+        for batch in super().__iter__():
+            self.taken += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "taken": self.taken}
+
+    def load_state_dict(self, state: dict):
+        self.sampler.epoch, self.sampler.skip = state["epoch"], state["taken"]
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Loaders yield uint8 batches; augmentation and normalisation happen after transfer to the device."""
+    """Loaders yield uint8 batches; augmentation and normalisation happen after transfer to the device.
+    `seed` fixes the training order of every epoch."""
 
-    def __init__(self, config: DataConfig, image_size: int):
+    def __init__(self, config: DataConfig, image_size: int, seed: int = 0):
         super().__init__()
         self.config = config
         self.image_size = image_size
+        self.seed = seed
         self.train_set = self.val_set = None
         self.mean = self.std = None
 
@@ -157,25 +209,16 @@ class ImageDataModule(L.LightningDataModule):
     def classes(self) -> list[str]:
         return self.train_set.classes
 
-    def loader(self, dataset: ImageTensorDataset, train: bool) -> DataLoader:
-        order = RandomSampler(dataset) if train else SequentialSampler(dataset)
-        # Training drops the last partial batch: every step sees a full batch (and, compiled, one shape).
-        batches = BatchSampler(order, self.config.batch_size, drop_last=train and len(dataset) > self.config.batch_size)
-        pin = torch.cuda.is_available()
-        if dataset.transform is None:  # whole batches by one indexing op each: no per-sample Python
-            return DataLoader(dataset, sampler=batches, batch_size=None, pin_memory=pin)
-        workers = self.config.num_workers
-        return DataLoader(dataset, batch_sampler=batches, num_workers=workers, persistent_workers=workers > 0,
-                          pin_memory=pin)
-
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
         transform = None
         if self.config.augment == "tutorial":
             transform = tutorial_transform(self.image_size, self.config.autoaugment)
-        return self.loader(ImageTensorDataset(self.train_set, transform), train=True)
+        batches = EpochBatches(len(self.train_set), self.config.batch_size, shuffle=True, seed=self.seed)
+        return ResumableLoader(ImageTensorDataset(self.train_set, transform), batches, self.config.num_workers)
 
-    def val_dataloader(self) -> DataLoader:
-        return self.loader(ImageTensorDataset(self.val_set), train=False)
+    def val_dataloader(self) -> ResumableLoader:
+        batches = EpochBatches(len(self.val_set), self.config.batch_size, shuffle=False)
+        return ResumableLoader(ImageTensorDataset(self.val_set), batches)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch

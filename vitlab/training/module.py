@@ -12,7 +12,8 @@ from lightning.pytorch.callbacks import Timer
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from vitlab.model import ViT, ViTConfig, tta_logits
+from vitlab.evaluation import tta_logits
+from vitlab.model import ViT, ViTConfig
 
 
 @dataclass
@@ -64,9 +65,11 @@ class Classifier(L.LightningModule):
         self.model.image_mean, self.model.image_std = tuple(image_mean), tuple(image_std)
         self.optim = OptimConfig(**optim)
         self.val_tta = val_tta
-        num_classes = len(class_names)
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(len(class_names), average="micro")
+        # The epoch's training loss and accuracy as running sums (loss x images, correct, images), kept
+        # on the device (no host sync per step) and saved in checkpoints, so that an epoch resumed
+        # part-way through reports the same numbers as one that ran straight through.
+        self.register_buffer("train_sums", torch.zeros(3, dtype=torch.float64), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -75,10 +78,34 @@ class Classifier(L.LightningModule):
         images, labels = batch
         logits = self.model(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.optim.label_smoothing)
-        self.train_acc(logits, labels)
-        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        self.train_sums[0] += loss.detach().double() * len(labels)
+        self.train_sums[1] += (logits.argmax(-1) == labels).sum()
+        self.train_sums[2] += len(labels)
+        self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
+
+    def on_train_epoch_start(self):
+        self.train_sums.zero_()
+
+    def train_metrics(self) -> dict[str, float]:
+        """The epoch's mean training loss and accuracy so far."""
+        loss_sum, correct, count = self.train_sums.tolist()
+        return {"train_loss": loss_sum / max(count, 1), "train_acc": correct / max(count, 1)}
+
+    def on_save_checkpoint(self, checkpoint: dict):
+        # With the random state saved, a resumed run draws the same augmentations and dropout masks
+        # as one that never stopped.
+        checkpoint["train_sums"] = self.train_sums.cpu()
+        checkpoint["rng"] = {"torch": torch.get_rng_state(),
+                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def on_load_checkpoint(self, checkpoint: dict):
+        if "train_sums" in checkpoint:
+            self.train_sums.copy_(checkpoint["train_sums"])
+        if "rng" in checkpoint:
+            torch.set_rng_state(checkpoint["rng"]["torch"])
+            if checkpoint["rng"]["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
 
     def validation_step(self, batch, batch_idx):
         images, labels = batch

@@ -1,8 +1,9 @@
 """A training run: one directory holding its config, checkpoints, metrics and TensorBoard events.
 
     RUN_DIR/config.yaml                 the full resolved config
-    RUN_DIR/checkpoints/last.ckpt       written every epoch; --resume continues from it
-    RUN_DIR/checkpoints/best.ckpt       best validation accuracy so far
+    RUN_DIR/checkpoints/last.ckpt       written every epoch and every trainer.checkpoint_every;
+                                        --resume continues from it
+    RUN_DIR/checkpoints/best.ckpt       best validation accuracy so far (final weights included)
     RUN_DIR/metrics.csv                 one row per epoch
     RUN_DIR/tensorboard/                TensorBoard events
 """
@@ -17,13 +18,21 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from vitlab import config as configs
 from vitlab.config import RunConfig
 from vitlab.data.datamodule import ImageDataModule
 from vitlab.errors import VitlabError
+from vitlab.io import free_space
+from vitlab.training.checkpoints import (
+    AtomicCheckpointIO,
+    BestCheckpoint,
+    DivergenceGuard,
+    LastCheckpoint,
+    StopRequests,
+)
 from vitlab.training.module import Classifier
 
 METRIC_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "elapsed_s"]
@@ -40,7 +49,8 @@ def read_metric_rows(run_dir: Path) -> list[dict[str, str]]:
 
 class MetricsCSV(L.Callback):
     """Appends one row per epoch to RUN_DIR/metrics.csv, flushed at once, so a run that is still
-    going (or was resumed) can be read and plotted; earlier rows are never rewritten.
+    going (or was resumed) can be read and plotted; earlier rows are never rewritten, and a resumed
+    run writes each epoch's row once. `elapsed_s` is the run's training time, across resumes.
 
     An epoch that was not validated gets empty val_* columns, except the run's final epoch: when a
     time limit cuts it short, its row waits for the final validation that `train` runs, so the last
@@ -50,10 +60,19 @@ class MetricsCSV(L.Callback):
     def __init__(self, path: Path):
         self.path = path
         self.start = time.monotonic()
+        self.elapsed_before = 0.0  # training time of the run before this process resumed it
         self.validated_step = -1
         self.pending: dict | None = None  # the final epoch's row, until its validation
-        # A resumed run closes its checkpoint's epoch again: each step's row is written once only.
         self.written_step = max((int(r["step"]) for r in read_metric_rows(path.parent)), default=-1)
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.monotonic() - self.start
+
+    def state_dict(self) -> dict:
+        return {"elapsed_s": self.elapsed()}
+
+    def load_state_dict(self, state: dict):
+        self.elapsed_before, self.start = state["elapsed_s"], time.monotonic()
 
     def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule):
         self.validated_step = trainer.global_step
@@ -62,15 +81,14 @@ class MetricsCSV(L.Callback):
             self.pending = None
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule):
-        m = trainer.callback_metrics
         row = {
             "epoch": trainer.current_epoch,
             "step": trainer.global_step,
             "lr": trainer.optimizers[0].param_groups[0]["lr"],
-            "train_loss": m.get("train_loss_epoch"),
-            "train_acc": m.get("train_acc"),
+            **module.train_metrics(),
             "val_loss": None,
             "val_acc": None,
+            "elapsed_s": round(self.elapsed(), 1),
         }
         if self.validated_step == trainer.global_step:
             self.write({**row, **self.val_metrics(trainer)})
@@ -86,13 +104,15 @@ class MetricsCSV(L.Callback):
     def write(self, row: dict):
         if row["step"] <= self.written_step:
             return
-        row["elapsed_s"] = round(time.monotonic() - self.start, 1)
         new = not self.path.exists()
-        with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
-            if new:
-                writer.writeheader()
-            writer.writerow({k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in row.items()})
+        try:
+            with open(self.path, "a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+                if new:
+                    writer.writeheader()
+                writer.writerow({k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in row.items()})
+        except OSError as e:
+            raise VitlabError(f"cannot write metrics {self.path}: {e.strerror or e} ({free_space(self.path)})") from None
         self.written_step = row["step"]
 
 
@@ -102,33 +122,53 @@ def default_precision() -> str:
 
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
-    """Check the run directory (writing nothing); return the checkpoint to resume from, or None.
+    """Check the run directory; return the checkpoint to resume from, or None to start (over).
 
     A new run refuses a directory that already holds a run, so nothing the user had is overwritten.
+    A run killed before its first checkpoint has only its config: resuming starts it over.
     """
     last = run_dir / "checkpoints" / "last.ckpt"
     if resume:
-        if not last.is_file():
-            raise VitlabError(f"cannot resume: {last} does not exist (train without --resume first)")
-        return last
+        if last.is_file():
+            return last
+        print(f"{run_dir} has no checkpoint yet (the run stopped before its first one): "
+              f"starting it over from its saved config", file=sys.stderr)
+        (run_dir / "metrics.csv").unlink(missing_ok=True)  # rows of work that is about to be redone
+        return None
     if last.exists() or (run_dir / "config.yaml").exists():
         raise VitlabError(f"run directory {run_dir} already holds a run: use --resume, or another --run-dir")
     return None
 
 
+def best_val_acc(run_dir: Path) -> float | None:
+    scores = [float(r["val_acc"]) for r in read_metric_rows(run_dir) if r["val_acc"]]
+    return max(scores, default=None)
+
+
+def note_length_change(saved: RunConfig, config: RunConfig):
+    """Say how a resumed run's LR schedule changes when its length does (it is fitted to the length)."""
+    for key in ("max_epochs", "max_time"):
+        before, after = getattr(saved.trainer, key), getattr(config.trainer, key)
+        if before != after:
+            print(f"note: trainer.{key} changed from {before} to {after}: the LR schedule is re-fitted to "
+                  f"the new length from the resumed step on (the LR jumps to where the new schedule is)",
+                  file=sys.stderr)
+
+
 def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
-    """Train a new run, or resume one (then `config` is the run's saved config); returns the path
-    of its last checkpoint."""
+    """Train a new run, or resume one (`config` then differs from the saved one at most in its
+    length); returns the path of its last checkpoint."""
     if config.trainer.max_epochs is None and config.trainer.max_time is None:
         raise VitlabError("training needs a limit: set --max-epochs or --max-time")
     ckpt_path = prepare_run_dir(run_dir, resume)
     L.seed_everything(config.trainer.seed, workers=True, verbose=False)
 
-    datamodule = ImageDataModule(config.data, config.model.image_size)
+    datamodule = ImageDataModule(config.data, config.model.image_size, seed=config.trainer.seed)
     datamodule.setup("fit")
-    if not resume:  # only once the data has loaded, so a bad data set leaves no half-made run behind
-        run_dir.mkdir(parents=True, exist_ok=True)
-        configs.save(config, run_dir / "config.yaml")
+    if resume:
+        note_length_change(configs.load(run_dir / "config.yaml"), config)
+    # Only once the data has loaded, so a bad data set leaves no half-made run behind.
+    configs.save(config, run_dir / "config.yaml")
     model_config = dataclasses.replace(config.model, num_classes=len(datamodule.classes))
     module = Classifier(**Classifier.hparams_for(
         model_config, config.optim, datamodule.classes, datamodule.mean, datamodule.std,
@@ -141,16 +181,15 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
     if "bf16" in precision and not torch.cuda.is_available():
         print(f"warning: precision {precision} without a GPU is very slow on most CPUs; "
               f"trainer.precision=32-true trains in fp32", file=sys.stderr)
+    last = run_dir / "checkpoints" / "last.ckpt"
     metrics = MetricsCSV(run_dir / "metrics.csv")
+    stops = StopRequests()
     callbacks = [
-        # ModelCheckpoint's own save_last only copies a checkpoint when one is saved (val_acc improved),
-        # so last.ckpt has its own checkpointer: written at the end of every epoch, the final one too.
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_on_train_epoch_end=True,
-                        enable_version_counter=False),
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_acc", mode="max",
-                        enable_version_counter=False),
-        LearningRateMonitor(logging_interval="step"),
+        DivergenceGuard(last),  # first: a diverged step stops before anything is saved
         metrics,
+        LastCheckpoint(last, configs.parse_duration(t.checkpoint_every).total_seconds(), stops),
+        BestCheckpoint(run_dir / "checkpoints" / "best.ckpt", last, best_val_acc(run_dir) if resume else None),
+        LearningRateMonitor(logging_interval="step"),
     ]
     if t.ema_decay is not None:
         callbacks.append(EMAWeightAveraging(decay=t.ema_decay))
@@ -163,12 +202,15 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
         precision=precision,
         gradient_clip_val=t.gradient_clip,
         callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        enable_checkpointing=False,  # vitlab's own LastCheckpoint and BestCheckpoint write the checkpoints
         logger=TensorBoardLogger(save_dir=run_dir, name="", version="tensorboard"),
         log_every_n_steps=10,
         num_sanity_val_steps=0,
         check_val_every_n_epoch=t.val_every_n_epochs,
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    if metrics.pending is not None and not trainer.interrupted:  # the final weights are not validated yet
+    with stops:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if metrics.pending is not None:  # the final weights are not validated yet
         trainer.validate(module, datamodule=datamodule, verbose=False)
-    return run_dir / "checkpoints" / "last.ckpt"
+    return last

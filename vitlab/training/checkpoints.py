@@ -1,0 +1,144 @@
+"""Checkpoints that survive crashes: how they are written, read, and when.
+
+- `AtomicCheckpointIO` writes every checkpoint through vitlab.io (temp file + fsync + rename), so a
+  crash during a write leaves the previous checkpoint whole, and refuses weights that are not finite.
+- `LastCheckpoint` keeps RUN_DIR/checkpoints/last.ckpt current: at the end of every epoch, every
+  `trainer.checkpoint_every` of wall time part-way through an epoch, and when SIGTERM/SIGINT asks
+  training to stop. `BestCheckpoint` keeps best.ckpt, the best validation accuracy so far.
+- `DivergenceGuard` stops training at the first non-finite loss.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+
+from vitlab import __version__
+from vitlab.errors import VitlabError
+from vitlab.io import CHECKPOINT_FORMAT, atomic_open, read_checkpoint
+
+class Interrupted(VitlabError):
+    """Training stopped on SIGTERM/SIGINT after saving a checkpoint; the exit code says which signal."""
+
+    def __init__(self, signum: int, checkpoint: Path):
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}; saved {checkpoint}: "
+                         f"the same command with --resume continues from it")
+
+
+def non_finite_tensors(state: dict) -> list[str]:
+    return [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO, writing atomically and durably, and never a non-finite model."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None):
+        bad = non_finite_tensors(checkpoint["state_dict"])
+        if bad:
+            raise VitlabError(f"refused to write checkpoint {path}: weights are not finite ({bad[0]}, ...); "
+                              f"training diverged (try a lower optim.lr or trainer.gradient_clip)")
+        checkpoint["vitlab"] = {"version": __version__, "format": CHECKPOINT_FORMAT}
+        with atomic_open(path, "checkpoint") as f:
+            torch.save(checkpoint, f)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return read_checkpoint(Path(path))
+
+
+class StopRequests:
+    """SIGTERM and SIGINT, while installed, only note that training should stop (a second SIGINT
+    interrupts at once), so that the stop can happen between two batches with a checkpoint."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous = {}
+
+    def handle(self, signum, frame):
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class LastCheckpoint(L.Callback):
+    """last.ckpt: the training state to resume from, written at the end of every epoch, every
+    `interval_s` seconds of training part-way through one, and on a stop request (then training ends
+    with `Interrupted`)."""
+
+    def __init__(self, path: Path, interval_s: float, stops: StopRequests):
+        self.path = path
+        self.interval_s = interval_s
+        self.stops = stops
+        self.saved_at = time.monotonic()
+
+    def save(self, trainer: L.Trainer):
+        trainer.save_checkpoint(self.path)
+        self.saved_at = time.monotonic()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self.stops.signum is not None:
+            self.save(trainer)
+            raise Interrupted(self.stops.signum, self.path)
+        if time.monotonic() - self.saved_at >= self.interval_s:
+            self.save(trainer)
+
+    def on_train_epoch_end(self, trainer, module):
+        self.save(trainer)
+
+    def on_exception(self, trainer, module, exception):
+        # Lightning's own SIGTERM handling can stop the loop between our hook and the next batch.
+        if type(exception).__name__ == "SIGTERMException" and self.stops.signum is not None:
+            self.save(trainer)
+
+
+class BestCheckpoint(L.Callback):
+    """best.ckpt: the checkpoint with the best validation accuracy so far. The validation of the
+    final weights that `train` runs after fitting is a candidate too: then last.ckpt (which holds
+    exactly those weights) is copied."""
+
+    def __init__(self, path: Path, last: Path, best_so_far: float | None):
+        self.path = path
+        self.last = last
+        self.best = best_so_far
+
+    def on_validation_end(self, trainer, module):
+        score = trainer.callback_metrics.get("val_acc")
+        if trainer.sanity_checking or score is None or (self.best is not None and float(score) <= self.best):
+            return
+        self.best = float(score)
+        if trainer.state.fn == "fit":
+            trainer.save_checkpoint(self.path)
+        else:
+            with open(self.last, "rb") as source, atomic_open(self.path, "checkpoint") as f:
+                shutil.copyfileobj(source, f)
+
+
+class DivergenceGuard(L.Callback):
+    """Stops training at the first non-finite loss, naming the step and the last good checkpoint,
+    before any checkpoint of the diverged weights can be written."""
+
+    def __init__(self, last: Path):
+        self.last = last
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if not torch.isfinite(loss):
+            good = f"the last good checkpoint is {self.last}" if self.last.is_file() else "no checkpoint was written"
+            raise VitlabError(f"training diverged: the loss is {loss.item()} at step {trainer.global_step}; "
+                              f"{good} (try a lower optim.lr or trainer.gradient_clip)")
