@@ -1,10 +1,13 @@
 import dataclasses
+import math
 import pickle
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from vitlab.data import sources
@@ -154,23 +157,57 @@ def test_unknown_source_is_refused():
         DataConfig(source="imagenet")
 
 
+def crop_flip_candidates(images: torch.Tensor, pad: int) -> dict[tuple[bool, int, int], torch.Tensor]:
+    """Every crop-flip of images (B, C, H, W) with shifts up to pad, written out with F.pad:
+    {(mirrored, dy, dx): float images mirrored, then moved dy rows down and dx columns right}."""
+    H, W = images.shape[-2:]
+    candidates = {}
+    for mirrored in (False, True):
+        source = images.flip(3) if mirrored else images
+        padded = F.pad(source.float(), (pad,) * 4, mode="reflect")
+        for dy in range(-pad, pad + 1):
+            for dx in range(-pad, pad + 1):
+                candidates[mirrored, dy, dx] = padded[..., pad - dy:pad - dy + H, pad - dx:pad - dx + W]
+    return candidates
+
+
+def identify_crop_flip(out: torch.Tensor, images: torch.Tensor, pad: int) -> list[tuple[bool, int, int]]:
+    """For each image of out, the (mirrored, dy, dx) within pad that turns its source image into it
+    exactly; fails if there is none."""
+    found = [None] * len(out)
+    for params, candidate in crop_flip_candidates(images, pad).items():
+        for i in (candidate == out.float()).flatten(1).all(1).nonzero().flatten().tolist():
+            found[i] = params
+    missing = [i for i, f in enumerate(found) if f is None]
+    assert not missing, f"{len(missing)} images (first: {missing[:5]}) are no crop-flip of their input"
+    return found
+
+
 def test_random_crop_flip_moves_pixels_but_keeps_content():
     torch.manual_seed(0)
-    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
-    out = random_crop_flip(images, pad=0)
+    images = torch.randint(0, 256, (512, 3, 8, 8), dtype=torch.uint8)
+    before = images.clone()
     # With no padding a crop is the identity, so each image is itself or its mirror image.
-    same = (out == images).flatten(1).all(1)
-    mirrored = (out == images.flip(3)).flatten(1).all(1)
-    assert (same | mirrored).all() and mirrored.any() and same.any()
-    shifted = random_crop_flip(images, pad=2)
-    assert shifted.shape == images.shape and shifted.dtype == torch.uint8
-    assert not torch.equal(shifted, images)
+    found = identify_crop_flip(random_crop_flip(images, pad=0), images, pad=0)
+    assert set(found) == {(False, 0, 0), (True, 0, 0)}
+    out = random_crop_flip(images, pad=2)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    assert torch.equal(images, before)  # a new tensor: the input is untouched
+    # Each output is its input mirrored or not and moved by up to 2 pixels, the border reflected,
+    # and every allowed shift occurs, in both orientations, independently drawn per image.
+    found = identify_crop_flip(out, images, pad=2)
+    assert set(found) == {(m, dy, dx) for m in (False, True) for dy in range(-2, 3) for dx in range(-2, 3)}
+    assert 0.4 < sum(m for m, _, _ in found) / len(found) < 0.6
 
 
 def test_normalize_uses_unit_interval_statistics():
     images = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
     out = normalize(images, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     torch.testing.assert_close(out, torch.full((1, 3, 2, 2), 2.0))
+    # Per channel, and other statistics are not served the first ones' tensors.
+    out = normalize(images, [0.0, 0.5, 1.0], [1.0, 0.5, 0.25])
+    torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([1.0, 1.0, 0.0]))
+    assert images.dtype == torch.uint8 and images.eq(255).all()
 
 
 def test_datamodule_yields_uint8_batches_then_normalises_after_transfer(tmp_path):
@@ -180,16 +217,78 @@ def test_datamodule_yields_uint8_batches_then_normalises_after_transfer(tmp_path
     dm.setup("fit")
     images, labels = next(iter(dm.train_dataloader()))
     assert images.dtype == torch.uint8 and images.shape == (8, 3, 32, 32)
-    normalised, _ = dm.on_after_batch_transfer((images, labels), 0)
-    assert normalised.dtype == torch.float32
-    assert abs(normalised.mean().item()) < 1.0
+    mean = torch.tensor(dm.mean).view(1, 3, 1, 1)
+    std = torch.tensor(dm.std).view(1, 3, 1, 1)
+
+    def normalised(pixels):
+        return (pixels.float() / 255 - mean) / std
+
+    # Outside training (validation, or no trainer): normalised only.
+    dm.trainer = SimpleNamespace(training=False)
+    out, out_labels = dm.on_after_batch_transfer((images, labels), 0)
+    assert out.dtype == torch.float32 and torch.equal(out_labels, labels)
+    torch.testing.assert_close(out, normalised(images))
+    # While training: each image is a crop-flip (up to crop_padding pixels) of its input, then normalised.
+    torch.manual_seed(0)
+    dm.trainer = SimpleNamespace(training=True)
+    out, _ = dm.on_after_batch_transfer((images, labels), 0)
+    assert out.dtype == torch.float32
+    pixels = (out * std + mean) * 255
+    assert (pixels - pixels.round()).abs().max() < 1e-3  # whole pixel values: moved, not interpolated
+    found = identify_crop_flip(pixels.round(), images, pad=config.crop_padding)
+    assert any(f != (False, 0, 0) for f in found)
+    crop_flips = crop_flip_candidates(images, config.crop_padding)
+    expected = torch.stack([crop_flips[f][i] for i, f in enumerate(found)])
+    torch.testing.assert_close(out, normalised(expected))
+
+
+def ramp_image(size: int = 32) -> np.ndarray:
+    """(size, size, 3) uint8: red rises to the right, green downwards, blue is constant (never 0)."""
+    y, x = np.mgrid[:size, :size]
+    return np.stack([40 + 5 * x, 40 + 5 * y, np.full_like(x, 200)], -1).astype(np.uint8)
+
+
+def geometry_of(image: torch.Tensor) -> tuple[float, float, float]:
+    """(determinant, rotation in degrees, vertical scale) of the map from the pixels of an augmented
+    ramp_image (3, H, W) to the pixels of the original, fitted by least squares to its ramps.
+    A mirror image has a negative determinant; a crop that enlarges has a scale below 1."""
+    _, H, W = image.shape
+    y, x = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64), indexing="ij")
+    # Pixels of the picture, not the rotation's fill (blue 0) nor the interpolated outer border.
+    inside = (image[2] == 200)
+    inside[:2] = inside[-2:] = inside[:, :2] = inside[:, -2:] = False
+    design = torch.stack([x[inside], y[inside], torch.ones_like(x[inside])], 1)
+    targets = torch.stack([image[0][inside], image[1][inside]], 1).double()
+    coefficients = torch.linalg.lstsq(design, targets).solution  # (3, 2): input x, y from output x, y, 1
+    A = coefficients[:2].T / 5  # (2, 2): d(input x, y) / d(output x, y)
+    angle = math.degrees(math.atan2(A[1, 0], A[1, 1]))  # the input's y axis is never mirrored
+    return torch.linalg.det(A).item(), angle, math.hypot(A[1, 0], A[1, 1])
 
 
 def test_tutorial_augmentation_runs_per_sample(tmp_path):
-    root = write_image_folder(tmp_path / "imgs", per_class=4)
-    config = DataConfig(source=f"folder:{root}", cache_dir=str(tmp_path / "cache"), batch_size=4,
-                        augment="tutorial", autoaugment=True)
+    # Every training image is the same ramp: whatever differs in a batch, the per-sample transform did.
+    for name in ("a", "b"):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(ramp_image()).save(tmp_path / "imgs" / name / f"{i}.png")
+    config = DataConfig(source=f"folder:{tmp_path / 'imgs'}", cache_dir=str(tmp_path / "cache"), batch_size=16,
+                        augment="tutorial")
     dm = ImageDataModule(config, 32)
     dm.setup("fit")
+    torch.manual_seed(0)
     images, _ = next(iter(dm.train_dataloader()))
-    assert images.dtype == torch.uint8 and images.shape == (4, 3, 32, 32)
+    assert images.dtype == torch.uint8 and images.shape == (16, 3, 32, 32)
+    original = torch.from_numpy(ramp_image()).permute(2, 0, 1)
+    assert not any(torch.equal(image, original) for image in images)
+    # Geometry only: blue stays the picture's 200 or the rotation's fill 0.
+    assert set(images[:, 2].unique().tolist()) <= {0, 200}
+    # Each sample draws its own flip, crop and rotation: they vary within the one batch.
+    determinant, angle, scale = map(np.array, zip(*(geometry_of(image) for image in images)))
+    assert (determinant < 0).any() and (determinant > 0).any()  # some mirrored, some not
+    assert angle.min() < -10 and angle.max() > 10 and np.abs(angle).max() < 31  # rotated within ±30°
+    assert scale.min() < 0.95 and scale.max() < 1.01  # cropped (enlarged), never shrunk
+    # AutoAugment adds changes of colour, which geometry alone cannot make.
+    dm = ImageDataModule(dataclasses.replace(config, autoaugment=True), 32)
+    dm.setup("fit")
+    images, _ = next(iter(dm.train_dataloader()))
+    assert not set(images[:, 2].unique().tolist()) <= {0, 200}
