@@ -9,6 +9,7 @@ Errors are `VitlabError`s with the CLI's one-line messages.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,19 +53,22 @@ def train(preset: str | None = None, data: str | None = None, *, config: str | P
           max_epochs: int | None = None, max_time: str | None = None, run_dir: str | Path | None = None,
           seed: int | None = None, resume: bool = False, overrides: dict | None = None) -> Run:
     """Train a ViT, or resume the run in `run_dir` (give the same arguments as when it started, or
-    none: only max_epochs and max_time may change). The config is resolved as: defaults -> preset
+    none: only max_epochs and max_time may change; a run that has not begun yet is started). The config is resolved as: defaults -> preset
     -> config file -> data / max_epochs / max_time / seed -> overrides ({"section.key": value})."""
     from vitlab.training.run import train as train_run
 
     flags = {"data": {"source": data},
              "trainer": {"max_epochs": max_epochs, "max_time": max_time, "seed": seed}}
     flags = {section: {k: v for k, v in entries.items() if v is not None} for section, entries in flags.items()}
-    if resume:
-        if run_dir is None:
-            raise VitlabError("resuming needs the run's directory (--run-dir)")
-        saved = Path(run_dir) / "config.yaml"
-        if not saved.is_file():
-            raise VitlabError(f"cannot resume: {run_dir} holds no run (train without --resume first)")
+    if resume and run_dir is None:
+        raise VitlabError("resuming needs the run's directory (--run-dir)")
+    saved = Path(run_dir) / "config.yaml" if resume else None
+    if saved is not None and not saved.is_file():
+        # Killed before it began (e.g. while decoding): a job scheduler re-running the command with
+        # --resume expects the run to start.
+        print(f"{run_dir} holds no run yet: starting it", file=sys.stderr)
+        resume, saved = False, None
+    if saved is not None:
         run_config = configs.resolve_resume(configs.load(saved), preset, config, flags, overrides)
     else:
         run_config = configs.resolve(preset, config, flags, overrides)

@@ -217,7 +217,14 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "info"
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    # key=value overrides may come between or after flags (argparse takes positionals only before them).
+    late = [a for a in unknown if "=" in a and not a.startswith("-")] if args.command == "train" else []
+    if len(late) < len(unknown):
+        parser.error(f"unrecognized arguments: {' '.join(a for a in unknown if a not in late)}")
+    if late:
+        args.overrides += late
     # num_workers=0 is deliberate for in-memory data; Lightning's advice about it is noise here.
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")

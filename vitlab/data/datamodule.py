@@ -172,8 +172,11 @@ class ResumableLoader(DataLoader):
     records where in the epoch it was made (Lightning saves `state_dict` of loaders that have one)."""
 
     def __init__(self, dataset: ImageTensorDataset, batches: EpochBatches, num_workers: int = 0):
+        # Its own generator: starting an epoch's iterator then draws nothing from the global random
+        # state, which a resumed run restores from its checkpoint for augmentation and dropout.
         super().__init__(dataset, sampler=batches, batch_size=None, num_workers=num_workers,
-                         persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+                         persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
+                         generator=torch.Generator().manual_seed(batches.seed))
         self.taken = 0
 
     def __iter__(self):

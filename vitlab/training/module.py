@@ -117,6 +117,11 @@ class Classifier(L.LightningModule):
     def training_progress(self, step: int) -> float:
         """Fraction of training done, in [0, 1]: by steps towards max_epochs, or by wall time towards
         max_time, whichever is further, so the schedule always ends where training ends."""
+        if step == 0:
+            # Asking Lightning for the number of steps this early (LambdaLR asks at construction) would
+            # load the train loader before a resumed run's checkpoint is restored, losing its place in
+            # the epoch.
+            return 0.0
         total_steps = self.trainer.estimated_stepping_batches  # inf when only max_time limits training
         by_steps = step / total_steps if math.isfinite(total_steps) else 0.0
         timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)

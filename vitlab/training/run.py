@@ -129,6 +129,8 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
     """
     last = run_dir / "checkpoints" / "last.ckpt"
     if resume:
+        for partial in run_dir.glob("**/.*.tmp"):  # writes a kill cut short; the files they replace are whole
+            partial.unlink()
         if last.is_file():
             return last
         print(f"{run_dir} has no checkpoint yet (the run stopped before its first one): "
