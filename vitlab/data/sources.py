@@ -7,18 +7,19 @@ held in memory, so that training never decodes or touches Python per sample agai
 from __future__ import annotations
 
 import hashlib
-import sys
 import os
 import pickle
+import sys
 import tarfile
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from vitlab.errors import VitlabError
 
@@ -146,16 +147,31 @@ def is_image_file(path: Path) -> bool:
 
 
 def read_image(path: Path | str, image_size: int) -> torch.Tensor:
-    """Any image Pillow reads -> RGB uint8 tensor (3, image_size, image_size)."""
+    """Any image Pillow reads -> RGB uint8 tensor (3, image_size, image_size), upright as a viewer
+    shows it (EXIF orientation applied); the first frame of an animation."""
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            if img.size != (image_size, image_size):
-                img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
-            array = np.asarray(img, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise VitlabError(f"cannot read image {path}: {e}") from None
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that: refuse those too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img = to_rgb(ImageOps.exif_transpose(img))
+        if img.size != (image_size, image_size):
+            img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
+        array = np.asarray(img, dtype=np.uint8)
+    except Exception as e:  # Pillow's decoders raise many kinds of exception for damaged files
+        raise VitlabError(f"cannot read image {path}: {' '.join(str(e).split()) or type(e).__name__}") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB; alpha is dropped."""
+    if img.mode.startswith("I"):
+        # 16-bit grey (I;16, I;16B, or I from older Pillow): convert() clips at 255 instead of
+        # scaling, so keep the high byte of each value.
+        img = Image.fromarray((np.asarray(img).clip(0, 65535) >> 8).astype(np.uint8))
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # Pillow warns when such a palette goes straight to RGB
+    return img.convert("RGB")
 
 
 def list_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:

@@ -1,0 +1,168 @@
+"""Reading every kind of image file, damaged ones included."""
+
+import contextlib
+import io
+import random
+import signal
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile
+
+from vitlab.data.sources import read_image
+from vitlab.errors import VitlabError
+
+RED = (200, 30, 40)
+
+
+def palette_image(transparency) -> Image.Image:
+    img = Image.new("P", (4, 4), 0)
+    img.putpalette([*RED, 0, 0, 0])
+    img.info["transparency"] = transparency
+    return img
+
+
+def save_red_then_blue_gif(path: Path):
+    first, second = Image.new("RGB", (4, 4), RED), Image.new("RGB", (4, 4), (0, 0, 255))
+    first.save(path, save_all=True, append_images=[second])
+
+
+@pytest.mark.parametrize("name, write, colour", [
+    ("grey.png", lambda p: Image.new("L", (4, 4), 77).save(p), (77, 77, 77)),
+    ("bilevel.png", lambda p: Image.new("1", (4, 4), 1).save(p), (255, 255, 255)),
+    ("palette.png", lambda p: palette_image(1).save(p), RED),
+    # Alpha per palette entry: Pillow warns when such a palette is converted straight to RGB.
+    ("palette-alpha.png", lambda p: palette_image(b"\x80\x00").save(p), RED),
+    ("rgba.png", lambda p: Image.new("RGBA", (4, 4), (*RED, 7)).save(p), RED),
+    ("grey-alpha.png", lambda p: Image.new("LA", (4, 4), (77, 7)).save(p), (77, 77, 77)),
+    ("cmyk.tiff", lambda p: Image.new("CMYK", (4, 4), (0, 255, 255, 0)).save(p), (255, 0, 0)),
+    # 16-bit grey is scaled to 8 bits (0xABCD -> 0xAB), not clipped to white.
+    ("grey16.png", lambda p: Image.fromarray(np.full((4, 4), 0xABCD, np.uint16)).save(p), (0xAB,) * 3),
+    ("grey16.tiff", lambda p: Image.fromarray(np.full((4, 4), 0xABCD, np.uint16)).save(p), (0xAB,) * 3),
+    ("grey32.tiff", lambda p: Image.fromarray(np.full((4, 4), 0xABCD, np.int32)).save(p), (0xAB,) * 3),
+    ("lossless.webp", lambda p: Image.new("RGB", (4, 4), RED).save(p, lossless=True), RED),
+    ("rgb.bmp", lambda p: Image.new("RGB", (4, 4), RED).save(p), RED),
+    ("rgb.tiff", lambda p: Image.new("RGB", (4, 4), RED).save(p), RED),
+    ("animation.gif", save_red_then_blue_gif, RED),  # the first frame
+])
+def test_every_kind_of_image_reads_as_the_colours_it_shows(tmp_path, name, write, colour):
+    path = tmp_path / name
+    write(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image = read_image(path, 4)
+    assert image.dtype == torch.uint8 and image.shape == (3, 4, 4)
+    assert image.flatten(1).T.unique(dim=0).tolist() == [list(colour)]
+
+
+@pytest.mark.parametrize("orientation, corner", [(3, (-1, -1)), (6, (0, -1)), (8, (-1, 0))])
+def test_exif_rotated_photos_are_read_upright(tmp_path, orientation, corner):
+    # Stored 32 wide and 16 high, blue with a red top-left corner; viewers turn it by the EXIF
+    # orientation: 3 half a turn, 6 a quarter turn clockwise, 8 a quarter turn anticlockwise.
+    pixels = np.zeros((16, 32, 3), np.uint8)
+    pixels[..., 2] = 255
+    pixels[:8, :8] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    image = read_image(tmp_path / "photo.jpg", 8).int()
+    red = (image[0] > 150) & (image[2] < 100)  # (8, 8)
+    assert red[corner] and not red[0, 0]
+
+
+def encode(img: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def noise_image(size: int = 24) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def assert_names_file_on_one_line(error: VitlabError, path: Path):
+    message = str(error)
+    assert message.startswith(f"cannot read image {path}: ") and "\n" not in message, message
+
+
+def test_broken_files_are_one_line_errors_naming_the_file(tmp_path):
+    jpeg, png = encode(noise_image(64), "JPEG"), encode(noise_image(64), "PNG")
+    broken = {"empty.jpg": b"", "text.png": b"hello, not an image\n",
+              "truncated.jpg": jpeg[:len(jpeg) // 2], "truncated.png": png[:len(png) // 2]}
+    for name, data in broken.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(VitlabError) as error:
+            read_image(tmp_path / name, 8)
+        assert_names_file_on_one_line(error.value, tmp_path / name)
+    # With LOAD_TRUNCATED_IMAGES a cut-off JPEG would decode, its missing half grey: nothing that
+    # vitlab imports (Lightning included) may turn it on.
+    import vitlab.training.run  # noqa: F401
+
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    # 40 x 40 is over the limit, where Pillow only warns; 100 x 100 is over twice it, where it refuses.
+    for size in (40, 100):
+        path = tmp_path / f"{size}.png"
+        Image.new("L", (size, size)).save(path)
+        with pytest.raises(VitlabError, match="decompression bomb") as error:
+            read_image(path, 8)
+        assert_names_file_on_one_line(error.value, path)
+
+
+def damaged_copies(data: bytes, other: bytes, rng: random.Random) -> dict[str, bytes]:
+    """Ways a file gets damaged: cut short, bytes overwritten, another format's header in front,
+    a run of zeros, a part repeated."""
+    i, j = sorted(rng.sample(range(1, len(data)), 2))
+    overwritten = bytearray(data)
+    for k in rng.sample(range(len(data)), rng.randint(1, 8)):
+        overwritten[k] = rng.randrange(256)
+    header = rng.randint(8, 64)
+    return {"cut": data[:i], "overwritten": bytes(overwritten), "spliced": other[:header] + data[header:],
+            "zeroed": data[:i] + bytes(j - i) + data[j:], "repeated": data[:j] + data[i:j] + data[j:]}
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int, what: str):
+    """Fail the test when the block runs longer than seconds (SIGALRM: a hang in Python code too)."""
+    def fail(*_):
+        pytest.fail(f"{what} took more than {seconds} s")  # raises a BaseException: no except catches it
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_damaged_files_decode_or_fail_cleanly(tmp_path):
+    """Seeded fuzzing: every damaged file is an image or a one-line VitlabError, quickly."""
+    rng = random.Random(0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # an orientation (kept by PNG, JPEG, WebP and TIFF), so damage reaches the EXIF reader too
+    encoded = {fmt: encode(noise_image(), fmt, exif=exif) for fmt in ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")}
+    decoded = refused = 0
+    for round_ in range(10):
+        for fmt, data in encoded.items():
+            other = encoded[rng.choice([f for f in encoded if f != fmt])]
+            for damage, damaged in damaged_copies(data, other, rng).items():
+                path = tmp_path / f"{round_}-{damage}.{fmt.lower()}"
+                path.write_bytes(damaged)
+                with time_limit(5, f"reading {path.name}"):
+                    try:
+                        image = read_image(path, 16)
+                    except VitlabError as e:
+                        assert_names_file_on_one_line(e, path)
+                        refused += 1
+                        continue
+                assert image.dtype == torch.uint8 and image.shape == (3, 16, 16)
+                decoded += 1
+    print(f"fuzz: {decoded + refused} damaged files, {decoded} decoded, {refused} refused with a clear error")
+    assert decoded + refused == 300
