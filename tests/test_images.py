@@ -1,9 +1,11 @@
-"""Reading every kind of image file, damaged ones included."""
+"""Reading every kind of image file, damaged ones included; pixel statistics in bounded memory."""
 
 import contextlib
 import io
 import random
 import signal
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -12,9 +14,10 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from vitlab.data.sources import read_image
+from vitlab.data.sources import ImageSet, read_image
 from vitlab.errors import VitlabError
 
+REPO = Path(__file__).parents[1]
 RED = (200, 30, 40)
 
 
@@ -166,3 +169,31 @@ def test_damaged_files_decode_or_fail_cleanly(tmp_path):
                 decoded += 1
     print(f"fuzz: {decoded + refused} damaged files, {decoded} decoded, {refused} refused with a clear error")
     assert decoded + refused == 300
+
+
+def test_mean_std_in_chunks_equals_the_whole_set_formula():
+    images = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean, std = ImageSet(images, torch.zeros(50), ["a"]).mean_std(chunk_pixels=1000)  # 6 images a chunk
+    x = images.float().div(255).transpose(0, 1).flatten(1)  # (C, N*H*W): the float copy it avoids
+    np.testing.assert_allclose(mean, x.mean(1).tolist(), atol=1e-6)
+    np.testing.assert_allclose(std, x.std(1).tolist(), atol=1e-6)
+
+
+MEAN_STD_PEAK_MEMORY = """
+import resource, torch
+from vitlab.data.sources import ImageSet
+images = torch.empty(4096, 3, 64, 64, dtype=torch.uint8).random_(0, 256)  # 48 MiB
+image_set = ImageSet(images, torch.zeros(len(images), dtype=torch.long), ["a"])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+image_set.mean_std()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is in KiB on Linux")
+def test_mean_std_makes_no_copy_of_the_whole_set():
+    # In a fresh process, so that its peak memory is its own; a float copy would add 192 MiB.
+    out = subprocess.run([sys.executable, "-c", MEAN_STD_PEAK_MEMORY], cwd=REPO, capture_output=True, text=True,
+                         timeout=120, check=True)
+    grown_mib = int(out.stdout) / 1024
+    assert grown_mib < 24, f"peak memory grew by {grown_mib:.0f} MiB for a 48 MiB image set"

@@ -38,10 +38,22 @@ class ImageSet:
         paths = [self.paths[i] for i in indices.tolist()] if self.paths is not None else None
         return ImageSet(self.images[indices], self.labels[indices], self.classes, paths)
 
-    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Per-channel mean and standard deviation of the pixels, in [0, 1] units."""
-        x = self.images.float().div_(255).transpose(0, 1).flatten(1)  # (C, N*H*W)
-        return tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())
+    def mean_std(self, chunk_pixels: int = 1 << 20) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel mean and (unbiased) standard deviation of the pixels, in [0, 1] units.
+
+        Sums and sums of squares are taken in float64 over chunks of about chunk_pixels values, so
+        memory stays small: a float copy of the whole set would be 4x its uint8 size."""
+        sums = torch.zeros(self.images.shape[1], dtype=torch.float64)
+        squares = torch.zeros_like(sums)
+        rows = max(1, chunk_pixels // self.images[0].numel())
+        for batch in self.images.split(rows):
+            x = batch.double()  # (n, C, H, W)
+            sums += x.sum((0, 2, 3))
+            squares += x.square_().sum((0, 2, 3))
+        count = self.images.numel() // len(sums)  # values per channel
+        mean = sums / count
+        var = (squares - count * mean.square()) / (count - 1)
+        return tuple((mean / 255).tolist()), tuple((var.clamp_min(0).sqrt() / 255).tolist())
 
 
 @dataclass(frozen=True)
