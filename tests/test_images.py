@@ -1,7 +1,9 @@
-"""Reading every kind of image file, damaged ones included; pixel statistics in bounded memory."""
+"""Reading every kind of image file, damaged ones included; the folder decode cache under races and
+damage; pixel statistics in bounded memory; progress bars."""
 
 import contextlib
 import io
+import multiprocessing
 import random
 import signal
 import subprocess
@@ -14,8 +16,11 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from vitlab.data.sources import ImageSet, read_image
+from vitlab.data import sources
+from vitlab.data.sources import ImageSet, load_image_folder, read_image
 from vitlab.errors import VitlabError
+from vitlab.progress import progress
+from tests.conftest import write_image_folder
 
 REPO = Path(__file__).parents[1]
 RED = (200, 30, 40)
@@ -171,6 +176,77 @@ def test_damaged_files_decode_or_fail_cleanly(tmp_path):
     assert decoded + refused == 300
 
 
+def fail_to_decode(*args):
+    raise AssertionError("decoded again despite the cache")
+
+
+def decode_while_the_other_writes(root: Path, cache: Path, barrier):
+    """In a child process: decode root, holding the cache write until the other child has written
+    too, so that both write the same cache at the same moment."""
+    save = torch.save
+
+    def save_then_wait(obj, f):
+        save(obj, f)
+        barrier.wait(timeout=30)
+
+    torch.save = save_then_wait
+    load_image_folder(root, 16, cache)
+
+
+def test_two_processes_decoding_one_folder_at_once_leave_one_valid_cache(tmp_path, monkeypatch):
+    root = write_image_folder(tmp_path / "imgs", per_class=2)
+    cache = tmp_path / "cache"
+    spawn = multiprocessing.get_context("spawn")
+    barrier = spawn.Barrier(2)
+    children = [spawn.Process(target=decode_while_the_other_writes, args=(root, cache, barrier)) for _ in range(2)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(timeout=60)
+    hung = [child for child in children if child.is_alive()]
+    for child in hung:
+        child.kill()
+    assert not hung and [child.exitcode for child in children] == [0, 0]
+    [cache_file] = cache.iterdir()  # no temporary file left behind
+    assert cache_file.suffix == ".pt"
+    monkeypatch.setattr(sources, "read_image", fail_to_decode)
+    assert len(load_image_folder(root, 16, cache)) == 6
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "old layout", "wrong size", "images missing",
+                                    "lengths differ"])
+def test_damaged_decode_cache_is_noted_and_replaced(tmp_path, capsys, monkeypatch, damage):
+    root = write_image_folder(tmp_path / "imgs", per_class=2)
+    cache = tmp_path / "cache"
+    fresh = load_image_folder(root, 16, cache)
+    [cache_file] = cache.iterdir()
+    whole = cache_file.read_bytes()
+    images, paths = fresh.images, fresh.paths
+    replacement = {
+        "garbage": b"\x80\x02 not a torch file " * 50,
+        "truncated": whole[:len(whole) // 2],
+        "old layout": {"images": images, "labels": fresh.labels, "classes": fresh.classes, "paths": paths},
+        "wrong size": {"images": images[..., :8, :8], "paths": paths},
+        "images missing": {"images": images[1:], "paths": paths[1:]},
+        "lengths differ": {"images": images, "paths": paths[1:]},
+    }[damage]
+    if isinstance(replacement, bytes):
+        cache_file.write_bytes(replacement)
+    else:
+        torch.save(replacement, cache_file)
+    capsys.readouterr()
+
+    again = load_image_folder(root, 16, cache)
+    assert torch.equal(again.images, fresh.images) and again.paths == paths
+    assert torch.equal(again.labels, fresh.labels)
+    [note] = [line for line in capsys.readouterr().err.splitlines() if " is damaged (" in line]
+    assert note.startswith(f"decode cache {cache_file} is damaged (")
+    assert note.endswith("); decoding the folder again")
+    # The cache was rewritten whole: the next load decodes nothing.
+    monkeypatch.setattr(sources, "read_image", fail_to_decode)
+    assert torch.equal(load_image_folder(root, 16, cache).images, fresh.images)
+
+
 def test_mean_std_in_chunks_equals_the_whole_set_formula():
     images = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     mean, std = ImageSet(images, torch.zeros(50), ["a"]).mean_std(chunk_pixels=1000)  # 6 images a chunk
@@ -197,3 +273,23 @@ def test_mean_std_makes_no_copy_of_the_whole_set():
                          timeout=120, check=True)
     grown_mib = int(out.stdout) / 1024
     assert grown_mib < 24, f"peak memory grew by {grown_mib:.0f} MiB for a 48 MiB image set"
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_shown_on_a_terminal_only(tmp_path, monkeypatch):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert list(progress(range(3), 3, "counting")) == [0, 1, 2]
+    load_image_folder(write_image_folder(tmp_path / "imgs", per_class=2), 16, tmp_path / "cache")
+    shown = terminal.getvalue()
+    assert "counting: 100%" in shown and "3/3" in shown
+    assert "decoding: 100%" in shown and "6/6" in shown
+
+    pipe = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", pipe)
+    assert list(progress(range(3), 3, "counting")) == [0, 1, 2]
+    assert pipe.getvalue() == ""

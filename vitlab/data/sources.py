@@ -7,7 +7,6 @@ held in memory, so that training never decodes or touches Python per sample agai
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import sys
 import tarfile
@@ -22,6 +21,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from vitlab.errors import VitlabError
+from vitlab.io import atomic_write
+from vitlab.progress import progress
 
 
 @dataclass
@@ -202,25 +203,36 @@ def list_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, samples
 
 
+DECODER_VERSION = 2  # part of the decode-cache key: bump it when read_image's output changes
+
+
 def load_image_folder(root: Path, image_size: int, cache_dir: Path, skip_bad_images: bool = False) -> ImageSet:
     """Decode an ImageFolder tree once into memory; cached on disk so later runs skip decoding.
 
-    The cache key covers every file's path, size and modification time, and the image size,
-    so a changed folder is decoded again rather than served stale.
+    The cache key covers every file's path, size and modification time, the image size and the
+    decoder version, so a changed folder is decoded again rather than served stale. A damaged cache
+    is noted on stderr and replaced.
     """
     classes, samples = list_image_folder(root)
-    key = hashlib.sha1(f"{root.resolve()}|{image_size}|{skip_bad_images}".encode())
+    key = hashlib.sha1(f"{DECODER_VERSION}|{root.resolve()}|{image_size}|{skip_bad_images}".encode())
     for path, _ in samples:
         stat = path.stat()
         key.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
     cache_file = cache_dir / f"folder-{key.hexdigest()[:20]}.pt"
-    if cache_file.exists():
-        cached = torch.load(cache_file, weights_only=True)
-        return ImageSet(cached["images"], cached["labels"], cached["classes"], cached["paths"])
+    label_of = {str(path): label for path, label in samples}
+    decoded = read_cache(cache_file, label_of, image_size, skip_bad_images) if cache_file.exists() else None
+    if decoded is None:
+        print(f"decoding {len(samples)} images in {root} (cached for later runs in {cache_dir})", file=sys.stderr)
+        decoded = decode_folder(root, samples, image_size, skip_bad_images)
+        atomic_write(cache_file, lambda f: torch.save(decoded, f), "decode cache")
+    paths = decoded["paths"]
+    return ImageSet(decoded["images"], torch.tensor([label_of[p] for p in paths]), classes, paths)
 
-    print(f"decoding {len(samples)} images in {root} (cached for later runs in {cache_dir})", file=sys.stderr)
-    images, labels, paths, bad = [], [], [], []
-    for path, label in samples:
+
+def decode_folder(root: Path, samples: list[tuple[Path, int]], image_size: int, skip_bad_images: bool) -> dict:
+    """{'images': uint8 (N, 3, S, S), 'paths': [file of each image]}: the listed files decoded."""
+    images, paths, bad = [], [], []
+    for path, _ in progress(samples, len(samples), "decoding"):
         try:
             images.append(read_image(path, image_size))
         except VitlabError as e:
@@ -228,21 +240,43 @@ def load_image_folder(root: Path, image_size: int, cache_dir: Path, skip_bad_ima
                 raise VitlabError(f"{e} (use --skip-bad-images to skip unreadable images)") from None
             bad.append(path)
             continue
-        labels.append(label)
         paths.append(str(path))
     if bad:
         print(f"skipped {len(bad)} unreadable images, e.g. {bad[0]}", file=sys.stderr)
     if not images:
         raise VitlabError(f"data folder {root} has no readable images")
-    image_set = ImageSet(torch.stack(images), torch.tensor(labels), classes, paths)
+    return {"images": torch.stack(images), "paths": paths}
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = cache_file.with_suffix(".part")
-    torch.save(
-        {"images": image_set.images, "labels": image_set.labels, "classes": classes, "paths": paths}, partial
-    )
-    os.replace(partial, cache_file)  # atomic: a crash never leaves a half-written cache
-    return image_set
+
+def read_cache(cache_file: Path, label_of: dict[str, int], image_size: int, skip_bad_images: bool) -> dict | None:
+    """The decoded folder from cache_file, or None (saying why on stderr) when the file is damaged."""
+    try:
+        decoded = torch.load(cache_file, weights_only=True)
+    except Exception as e:  # torch raises many kinds of exception for damaged files
+        problem = f"cannot be loaded: {type(e).__name__}"
+    else:
+        problem = cache_problem(decoded, label_of, image_size, skip_bad_images)
+    if problem:
+        print(f"decode cache {cache_file} is damaged ({problem}); decoding the folder again", file=sys.stderr)
+        return None
+    return decoded
+
+
+def cache_problem(decoded, label_of: dict[str, int], image_size: int, skip_bad_images: bool) -> str | None:
+    """What is wrong with a loaded decode cache for this folder listing, or None."""
+    if not isinstance(decoded, dict) or set(decoded) != {"images", "paths"}:
+        return "not a decode cache"
+    images, paths = decoded["images"], decoded["paths"]
+    shape = (3, image_size, image_size)
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.shape[1:] != shape:
+        return "images of the wrong type or size"
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths) or len(paths) != len(images):
+        return "its file list does not match its images"
+    kept = set(paths)
+    # The files in listing order, each once; all of them unless unreadable ones were skipped.
+    if paths != [p for p in label_of if p in kept] or (not skip_bad_images and len(paths) != len(label_of)):
+        return "its file list does not match the folder"
+    return None
 
 
 # --- synthetic data ------------------------------------------------------------------------------
