@@ -1,5 +1,5 @@
 """Reading every kind of image file, damaged ones included; the folder decode cache under races and
-damage; pixel statistics in bounded memory; progress bars."""
+damage; pixel statistics in bounded memory; progress bars; predictions streamed batch by batch."""
 
 import contextlib
 import io
@@ -8,8 +8,10 @@ import random
 import signal
 import subprocess
 import sys
+import tracemalloc
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,8 +21,9 @@ from PIL import Image, ImageFile
 from vitlab.data import sources
 from vitlab.data.sources import ImageSet, load_image_folder, read_image
 from vitlab.errors import VitlabError
+from vitlab.inference import predict
 from vitlab.progress import progress
-from tests.conftest import write_image_folder
+from tests.conftest import CLASS_COLOURS, write_image_folder
 
 REPO = Path(__file__).parents[1]
 RED = (200, 30, 40)
@@ -293,3 +296,43 @@ def test_progress_is_shown_on_a_terminal_only(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stderr", pipe)
     assert list(progress(range(3), 3, "counting")) == [0, 1, 2]
     assert pipe.getvalue() == ""
+
+
+class ColourModel:
+    """Stands in for a trained model: the logits of an image are its mean red, green and blue."""
+    class_names = list(CLASS_COLOURS)  # red, green, blue
+    image_mean, image_std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    config = SimpleNamespace(image_size=8)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return images.mean((2, 3)) * 10  # (B, 3, H, W) -> (B, 3)
+
+
+def test_predict_yields_each_batch_before_reading_the_next(tmp_path, monkeypatch):
+    root = write_image_folder(tmp_path / "imgs", per_class=2)
+    broken = tmp_path / "broken.png"
+    broken.write_text("not an image")
+    paths = sorted(root.rglob("*.png"))[:4] + [broken]  # blue, blue, green, green, broken
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    results = predict(ColourModel(), paths, top_k=1, batch_size=2)
+    assert [next(results)["top"][0]["class"] for _ in range(4)] == ["blue", "blue", "green", "green"]
+    with pytest.raises(VitlabError, match="broken.png"):
+        next(results)
+    assert "predicting" in terminal.getvalue()
+
+
+def test_predict_memory_does_not_grow_with_the_number_of_images(tmp_path):
+    paths = sorted(write_image_folder(tmp_path / "imgs", per_class=4, size=8).rglob("*.png"))
+
+    def peak_memory(paths: list[Path]) -> int:
+        tracemalloc.start()
+        for _ in predict(ColourModel(), paths, batch_size=8):
+            pass
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak
+
+    peak_memory(paths)  # first use: imports and caches
+    few, many = peak_memory(paths * 4), peak_memory(paths * 16)
+    assert many < 1.5 * few, f"peak memory {few} bytes for {4 * len(paths)} images, {many} for {16 * len(paths)}"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -11,6 +13,7 @@ from vitlab.errors import VitlabError
 from vitlab.evaluation import predict_logits
 from vitlab.export import read_metadata
 from vitlab.model import ViT, ViTConfig
+from vitlab.progress import progress
 
 HPARAMS_KEYS = {"model", "class_names", "image_mean", "image_std"}
 
@@ -106,17 +109,17 @@ def expand_image_paths(paths: list[str]) -> list[Path]:
     return result
 
 
-@torch.no_grad()
-def predict(model: ViT | OnnxModel, paths: list[Path], top_k: int = 5, batch_size: int = 256) -> list[dict]:
-    """For each image: {'path', 'top': [{'class', 'probability'}, ...]} with the top_k classes."""
+def predict(model: ViT | OnnxModel, paths: list[Path], top_k: int = 5, batch_size: int = 256) -> Iterator[dict]:
+    """For each image: {'path', 'top': [{'class', 'probability'}, ...]} with the top_k classes.
+
+    A generator: each batch is read, predicted and yielded before the next is read, so results
+    arrive as they are done and memory does not grow with the number of images."""
     top_k = min(top_k, len(model.class_names))
-    results = []
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
+    files = iter(progress(paths, len(paths), "predicting"))
+    while chunk := list(itertools.islice(files, batch_size)):
         images = torch.stack([read_image(p, model.config.image_size) for p in chunk])
         probs = predict_logits(model, images).softmax(dim=-1)
         values, indices = probs.topk(top_k, dim=-1)
         for path, v, i in zip(chunk, values.tolist(), indices.tolist()):
             top = [{"class": model.class_names[c], "probability": round(p, 6)} for p, c in zip(v, i)]
-            results.append({"path": str(path), "top": top})
-    return results
+            yield {"path": str(path), "top": top}
