@@ -226,3 +226,27 @@ def test_a_checkpoint_from_a_newer_vitlab_says_so(images, straight_run, tmp_path
     torch.save(checkpoint, tmp_path / "future.ckpt")
     code, _, err = run_cli(capsys, "info", "--checkpoint", tmp_path / "future.ckpt")
     assert code == 1 and "written by a newer vitlab (9.0, checkpoint format 99" in err
+
+
+def test_ema_average_is_carried_over_on_resume(images, tmp_path, capsys, monkeypatch):
+    args = lambda run_dir: train_args(images, run_dir, "--max-epochs", "2", "trainer.ema_decay=0.9")  # noqa: E731
+    assert run_cli(capsys, *args(tmp_path / "straight"))[0] == 0
+    signal_at_step(monkeypatch, signal.SIGTERM, 12)
+    assert run_cli(capsys, *args(tmp_path / "run"))[0] == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    assert run_cli(capsys, *args(tmp_path / "run"), "--resume")[0] == 0
+    resumed = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    straight = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)
+    for key in ("state_dict", "current_model_state"):  # the average, and the weights being trained
+        assert all(torch.equal(resumed[key][k], v) for k, v in straight[key].items()), key
+
+
+def test_a_time_budget_run_resumes_with_the_time_it_had_left(images, tmp_path, capsys, monkeypatch):
+    args = train_args(images, tmp_path / "run", "--max-time", "00:00:06", "trainer.max_epochs=null",
+                      "data.batch_size=1")
+    signal_at_step(monkeypatch, signal.SIGTERM, 20)
+    assert run_cli(capsys, *args)[0] == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    assert run_cli(capsys, *args, "--resume")[0] == 0
+    # The run's training time, across both processes, is the budget (plus the final validation).
+    assert 6 <= float(read_rows(tmp_path / "run")[-1]["elapsed_s"]) < 8

@@ -12,23 +12,9 @@ from vitlab.data.sources import is_image_file, read_image
 from vitlab.errors import VitlabError
 from vitlab.evaluation import predict_logits
 from vitlab.export import read_metadata
+from vitlab.io import read_checkpoint
 from vitlab.model import ViT, ViTConfig
 from vitlab.progress import progress
-
-HPARAMS_KEYS = {"model", "class_names", "image_mean", "image_std"}
-
-
-def read_checkpoint(path: Path) -> dict:
-    """A Lightning checkpoint written by vitlab, or a clear error. Loaded with weights_only: no code runs."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds for files that are not checkpoints
-        raise VitlabError(f"{path} is not a vitlab checkpoint (cannot be loaded: {type(e).__name__})") from None
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    if not isinstance(hparams, dict) or not HPARAMS_KEYS <= set(hparams) or "state_dict" not in checkpoint:
-        raise VitlabError(f"{path} is not a vitlab checkpoint (no vitlab model config or weights in it)")
-    return checkpoint
-
 
 def build_model(path: Path, config: dict, state: dict, class_names, image_mean, image_std) -> ViT:
     model = ViT(ViTConfig(**config))

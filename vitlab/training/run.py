@@ -189,14 +189,16 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
     callbacks = [
         DivergenceGuard(last),  # first: a diverged step stops before anything is saved
         metrics,
-        LastCheckpoint(last, configs.parse_duration(t.checkpoint_every).total_seconds(), stops),
-        BestCheckpoint(run_dir / "checkpoints" / "best.ckpt", last, best_val_acc(run_dir) if resume else None),
         LearningRateMonitor(logging_interval="step"),
     ]
     if t.ema_decay is not None:
         callbacks.append(EMAWeightAveraging(decay=t.ema_decay))
     if t.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor="val_loss", mode="min", patience=t.early_stopping_patience))
+    callbacks += [  # last: a checkpoint holds what every other callback did at that step (the EMA update)
+        LastCheckpoint(last, configs.parse_duration(t.checkpoint_every).total_seconds(), stops),
+        BestCheckpoint(run_dir / "checkpoints" / "best.ckpt", last, best_val_acc(run_dir) if resume else None),
+    ]
     trainer = L.Trainer(
         default_root_dir=run_dir,
         max_epochs=-1 if t.max_epochs is None else t.max_epochs,
