@@ -128,6 +128,7 @@ def write_report(out_dir: Path, result: dict, logits, image_set, classes: list[s
     import numpy as np
 
     from vitlab import plots
+    from vitlab.io import atomic_write
 
     probs = logits.softmax(-1)
     confidence, predicted = probs.max(-1)
@@ -136,14 +137,13 @@ def write_report(out_dir: Path, result: dict, logits, image_set, classes: list[s
     errors = [{"index": i, "path": image_set.paths[i] if image_set.paths else None,
                "true": classes[image_set.labels[i]], "predicted": classes[predicted[i]],
                "probability": round(confidence[i].item(), 4)} for i in wrong]
-    out_dir.mkdir(parents=True, exist_ok=True)
     plots.plot_confusion_matrix(np.array(result["confusion"]), classes, out_dir / "confusion_matrix.png")
     plots.plot_per_class_accuracy(result["per_class"], out_dir / "per_class_accuracy.png")
     plots.plot_confident_errors(image_set.images[wrong],
                                 [f"true: {e['true']}\npredicted: {e['predicted']} ({e['probability']:.0%})"
                                  for e in errors], out_dir / "confident_errors.png")
     report = {**result, "classes": classes, "confident_errors": errors}
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+    atomic_write(out_dir / "report.json", json.dumps(report, indent=1), "report")
     print(f"report written to {out_dir}", file=sys.stderr)
 
 
@@ -178,21 +178,10 @@ def cmd_info(args):
 
 
 def cmd_attention(args):
-    import torch
-
     from vitlab import plots
-    from vitlab.data.augment import normalize
-    from vitlab.data.sources import read_image
     from vitlab.inference import load_model
-    from vitlab.inspection import attention_summary
 
-    model = load_model(args.checkpoint)
-    images = torch.stack([read_image(p, model.config.image_size) for p in args.images])
-    summary = attention_summary(model, normalize(images, model.image_mean, model.image_std))
-    confidence, predicted = summary.logits.softmax(-1).max(-1)
-    titles = [f"predicted: {model.class_names[c]} ({p:.0%})" for c, p in zip(predicted.tolist(), confidence.tolist())]
-    plots.plot_attention(images, [Path(p).name for p in args.images], titles, summary.rollout,
-                         summary.per_layer, summary.layer_label, args.out)
+    plots.plot_attention_of_images(load_model(args.checkpoint), args.images, args.out)
     print(f"attention maps written to {args.out}")
 
 

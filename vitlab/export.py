@@ -4,13 +4,13 @@ safetensors (weights that cannot run code when loaded, unlike a pickled checkpoi
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from vitlab.errors import VitlabError
+from vitlab.io import atomic_write
 from vitlab.model import ViT
 
 FORMATS = ("onnx", "safetensors")
@@ -36,33 +36,25 @@ def read_metadata(meta: dict[str, str], path: Path) -> dict:
 def export_onnx(model: ViT, out: Path):
     """ONNX graph: normalised float images (batch, C, H, W) -> logits (batch, num_classes); the
     batch axis is dynamic. The metadata of the file carries the class names and normalisation."""
-    import onnx
-
     c = model.config
     example = torch.zeros(2, c.in_channels, c.image_size, c.image_size)
     batch = torch.export.Dim("batch", min=1, max=65536)
-    partial = out.with_name(out.name + ".part")
     program = torch.onnx.export(model.eval(), (example,), dynamo=True, input_names=["images"],
                                 output_names=["logits"], dynamic_shapes=({0: batch},), verbose=False)
-    program.save(str(partial), external_data=False)
-    graph = onnx.load(str(partial))
+    graph = program.model_proto
     for key, value in metadata(model).items():
         graph.metadata_props.add(key=key, value=value)
-    onnx.save(graph, str(partial))
-    os.replace(partial, out)
+    atomic_write(out, graph.SerializeToString(), "ONNX export")
 
 
 def export_safetensors(model: ViT, out: Path):
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    partial = out.with_name(out.name + ".part")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(partial), metadata=metadata(model))
-    os.replace(partial, out)
+    atomic_write(out, save(state, metadata=metadata(model)), "safetensors export")
 
 
 def export(model: ViT, fmt: str, out: Path):
     if fmt not in FORMATS:
         raise VitlabError(f"unknown export format '{fmt}' (expected {' or '.join(FORMATS)})")
-    out.parent.mkdir(parents=True, exist_ok=True)
     {"onnx": export_onnx, "safetensors": export_safetensors}[fmt](model, out)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -14,15 +13,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from vitlab.errors import VitlabError  # noqa: E402
+from vitlab.io import atomic_write  # noqa: E402
 
 
 def save(fig, path: Path):
     """Write the figure atomically (a crash never leaves half a PNG) and close it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".part")
-    fig.savefig(partial, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(partial, path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"), "figure")
+    finally:
+        plt.close(fig)
 
 
 def to_numpy_image(image: torch.Tensor) -> np.ndarray:
@@ -147,3 +146,18 @@ def plot_attention(images: torch.Tensor, names: list[str], titles: list[str], ro
     what = "the pooling weights" if len(per_layer) == 1 else f"the {layer_label} in each layer"
     fig.suptitle(f"Attention rollout over all layers, and {what}", fontsize=11)
     save(fig, out)
+
+
+def plot_attention_of_images(model, paths: list, out: Path):
+    """`plot_attention` for image files and a model from load_model: each image resized as in
+    training, titled with the predicted class and its probability."""
+    from vitlab.data.augment import normalize
+    from vitlab.data.sources import read_image
+    from vitlab.inspection import attention_summary
+
+    images = torch.stack([read_image(p, model.config.image_size) for p in paths])
+    summary = attention_summary(model, normalize(images, model.image_mean, model.image_std))
+    confidence, predicted = summary.logits.softmax(-1).max(-1)
+    titles = [f"predicted: {model.class_names[c]} ({p:.0%})" for c, p in zip(predicted.tolist(), confidence.tolist())]
+    plot_attention(images, [Path(p).name for p in paths], titles, summary.rollout, summary.per_layer,
+                   summary.layer_label, out)

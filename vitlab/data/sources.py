@@ -7,9 +7,11 @@ held in memory, so that training never decodes or touches Python per sample agai
 from __future__ import annotations
 
 import hashlib
+import http.client
 import pickle
 import sys
 import tarfile
+import urllib.error
 import urllib.request
 import warnings
 from dataclasses import dataclass
@@ -115,21 +117,22 @@ def download_cifar(name: str, root: Path) -> Path:
         return folder
     root.mkdir(parents=True, exist_ok=True)
     archive = root / Path(spec.url).name
-    partial = archive.with_name(archive.name + ".part")
     if not archive.exists():
         print(f"downloading {spec.url} to {archive}", file=sys.stderr)
-        try:
-            with urllib.request.urlopen(spec.url, timeout=60) as response, open(partial, "wb") as out:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-        except OSError as e:
-            partial.unlink(missing_ok=True)
-            raise VitlabError(
-                f"could not download {name} from {spec.url} ({e}); with no network, put a copy of "
-                f"{archive.name} or its unpacked {spec.folder}/ in {root} (the data root, --data-root), "
-                f"or use --data folder:PATH for images on disk"
-            ) from None
-        partial.rename(archive)
+
+        def fetch(out):
+            try:
+                with urllib.request.urlopen(spec.url, timeout=60) as response:
+                    while chunk := response.read(1 << 20):
+                        out.write(chunk)
+            except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as e:
+                raise VitlabError(
+                    f"could not download {name} from {spec.url} ({e}); with no network, put a copy of "
+                    f"{archive.name} or its unpacked {spec.folder}/ in {root} (the data root, --data-root), "
+                    f"or use --data folder:PATH for images on disk"
+                ) from None
+
+        atomic_write(archive, fetch, "download")  # a cut-off download never looks like an archive
     if md5sum(archive) != spec.md5:
         raise VitlabError(f"{archive} is corrupt (MD5 checksum does not match); delete it and run again")
     with tarfile.open(archive, "r:gz") as tar:
