@@ -229,3 +229,11 @@ def screenshot(checkpoint: Path, image: Path, examples: Path, out: Path):
 
 if __name__ == "__main__":
     screenshot(*map(Path, sys.argv[1:5]))
+
+
+def test_demo_command_with_a_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    from vitlab.cli import main
+
+    assert main(["demo", "--checkpoint", str(tmp_path / "none.ckpt")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "none.ckpt does not exist" in err[0]

@@ -1,4 +1,4 @@
-"""The `vitlab` command: train, eval, predict, info, attention, plot, export."""
+"""The `vitlab` command: train, eval, predict, info, attention, plot, export, demo."""
 
 from __future__ import annotations
 
@@ -71,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--format", required=True, help="onnx or safetensors")
     p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("demo", help="a local web page: drop an image, see the top classes and the attention")
+    p.add_argument("--checkpoint", type=Path, required=True, help="a vitlab checkpoint or safetensors export")
+    p.add_argument("--examples", type=Path, metavar="DIR", help="a folder of images to show as clickable examples")
+    p.add_argument("--host", default="127.0.0.1", help="the address to serve on (default: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", default="none", choices=["none", "gradio"],
+                   help="gradio: also open a public gradio.live link (needs the internet)")
 
     p = sub.add_parser("info", help="parameters and FLOPs per image of a preset or checkpoint")
     group = p.add_mutually_exclusive_group(required=True)
@@ -201,8 +209,14 @@ def cmd_export(args):
     print(f"exported {args.checkpoint} as {args.format} to {args.out}")
 
 
+def cmd_demo(args):
+    from vitlab.demo import serve
+
+    serve(args.checkpoint, args.host, args.port, share=args.share == "gradio", examples=args.examples)
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "info": cmd_info,
-            "attention": cmd_attention, "plot": cmd_plot, "export": cmd_export}
+            "attention": cmd_attention, "plot": cmd_plot, "export": cmd_export, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
