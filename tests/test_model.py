@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from vitlab import ViT, ViTConfig
+from vitlab.errors import VitlabError
 from vitlab.model import Dropout
 
 TINY = ViTConfig(image_size=32, patch_size=4, num_classes=10, dim=64, depth=2, heads=4)
@@ -28,10 +29,14 @@ def test_fresh_model_predicts_uniformly():
 
 
 def test_invalid_config_is_refused():
-    with pytest.raises(ValueError, match="patch_size"):
+    with pytest.raises(VitlabError, match="patch_size"):
         ViTConfig(image_size=32, patch_size=5)
-    with pytest.raises(ValueError, match="heads"):
+    with pytest.raises(VitlabError, match="heads"):
         ViTConfig(dim=64, heads=5)
+    with pytest.raises(VitlabError, match="tokenizer must be patch or conv"):
+        ViTConfig(tokenizer="cnn")
+    with pytest.raises(VitlabError, match="pool must be cls or attention"):
+        ViTConfig(pool="mean")
 
 
 def test_matches_timm_vision_transformer():
@@ -51,11 +56,18 @@ def test_matches_timm_vision_transformer():
 
 
 def test_from_timm_refuses_what_it_cannot_map():
-    reference = timm.models.vision_transformer.VisionTransformer(
-        img_size=32, patch_size=4, num_classes=10, embed_dim=64, depth=1, num_heads=4, global_pool="avg"
-    )
-    with pytest.raises(ValueError, match="global_pool"):
-        ViT.from_timm(reference)
+    def timm_vit(**options):
+        return timm.models.vision_transformer.VisionTransformer(
+            **{"img_size": 32, "patch_size": 4, "num_classes": 10, "embed_dim": 64, "depth": 1, "num_heads": 4,
+               **options})
+
+    with pytest.raises(VitlabError, match="global_pool"):
+        ViT.from_timm(timm_vit(global_pool="avg"))
+    # Raised, not asserted: these hold under python -O too.
+    with pytest.raises(VitlabError, match="unmapped parameters blocks.0.attn.qkv.bias"):
+        ViT.from_timm(timm_vit(qkv_bias=False))
+    with pytest.raises(VitlabError, match=r"pos_embed has shape \(1, 97, 64\) in timm, \(1, 65, 64\) in vitlab"):
+        ViT.from_timm(timm_vit(img_size=(32, 48)))  # not square: 8 x 12 patches
 
 
 def tutorial_img_to_patch(x, patch_size):
@@ -79,24 +91,73 @@ def test_patch_embedding_equals_tutorial_patchify_plus_linear():
     torch.testing.assert_close(model.patch_embed(x), linear(patches), atol=1e-5, rtol=1e-5)
 
 
+def reference_attention(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-head attention written out head by head from attn's fused qkv weights, for x (B, N, D):
+    the attention weights (B, heads, N, N) and the output (B, N, D)."""
+    D = x.shape[-1]
+    head_dim = D // attn.heads
+    w, b = attn.qkv.weight, attn.qkv.bias
+    q, k, v = (x @ w[i * D:(i + 1) * D].T + b[i * D:(i + 1) * D] for i in range(3))  # 3 x (B, N, D)
+    weights, outputs = [], []
+    for h in range(attn.heads):
+        part = slice(h * head_dim, (h + 1) * head_dim)
+        scores = q[..., part] @ k[..., part].transpose(1, 2) / math.sqrt(head_dim)  # (B, N, N)
+        weights.append(scores.softmax(-1))
+        outputs.append(weights[-1] @ v[..., part])  # (B, N, head_dim)
+    return torch.stack(weights, 1), attn.proj(torch.cat(outputs, -1))
+
+
+def randomise_attention(model: ViT):
+    """Larger q/k/v weights than the initialisation's, so that attention is far from uniform and a
+    wrong scale or head split shows."""
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight.normal_(0, 0.2)
+            block.attn.qkv.bias.normal_(0, 0.2)
+
+
 def test_attention_scales_by_head_dim_and_uses_head_width_projections():
+    torch.manual_seed(0)
     model = ViT(TINY).eval()
+    randomise_attention(model)
     attn = model.blocks[0].attn
     # Standard multi-head attention: q, k, v together are 3 x dim wide, not 3 x heads x dim.
     assert attn.qkv.weight.shape == (3 * 64, 64)
     x = torch.randn(2, 65, 64)
-    q, k, v = attn.split_heads(x)
-    head_dim = 64 // 4
-    weights = (q @ k.transpose(-2, -1) / math.sqrt(head_dim)).softmax(-1)
-    expected = attn.proj((weights @ v).transpose(1, 2).reshape(2, 65, 64))
+    weights, expected = reference_attention(attn, x)
+    assert weights.max() > 0.5  # far from uniform (1/65)
     torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(attn.attention_weights(x), weights)
+    torch.testing.assert_close(attn.attention_weights(x), weights, atol=1e-6, rtol=1e-5)
+    # timm's attention with the same weights agrees.
+    reference = timm.models.vision_transformer.Attention(64, num_heads=4, qkv_bias=True).eval()
+    reference.load_state_dict(attn.state_dict())
+    torch.testing.assert_close(attn(x), reference(x), atol=1e-5, rtol=1e-5)
 
 
 def test_attention_maps_are_distributions():
-    maps = ViT(TINY).attention_maps(torch.randn(2, 3, 32, 32))
+    torch.manual_seed(0)
+    model = ViT(TINY).eval()
+    randomise_attention(model)
+    x = torch.randn(2, 3, 32, 32)
+    # What each block's attention sees in an ordinary forward pass.
+    inputs = []
+
+    def record(module, args):
+        inputs.append(args[0])
+
+    hooks = [block.attn.register_forward_pre_hook(record) for block in model.blocks]
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    maps = model.attention_maps(x)
     assert len(maps) == 2 and maps[0].shape == (2, 4, 65, 65)
-    torch.testing.assert_close(maps[1].sum(-1), torch.ones(2, 4, 65))
+    for block, block_input, attention in zip(model.blocks, inputs, maps):
+        expected, _ = reference_attention(block.attn, block_input)
+        torch.testing.assert_close(attention, expected, atol=1e-6, rtol=1e-5)
+        assert attention.min() >= 0
+        torch.testing.assert_close(attention.sum(-1), torch.ones(2, 4, 65))
+    assert not torch.allclose(maps[0], maps[1], atol=1e-2)
 
 
 def test_flops_per_image_counts_the_matmuls():
@@ -126,7 +187,7 @@ def test_compact_options_conv_tokenizer_and_attention_pooling():
 
 
 def test_conv_tokenizer_needs_a_power_of_two_patch():
-    with pytest.raises(ValueError, match="power of 2"):
+    with pytest.raises(VitlabError, match="power of 2"):
         ViTConfig(tokenizer="conv", patch_size=6, image_size=36)
 
 

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitlab.errors import VitlabError
+
 LAYER_NORM_EPS = 1e-6  # timm's value, so weights move between the two unchanged
 
 
@@ -35,16 +37,16 @@ class ViTConfig:
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+            raise VitlabError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.dim % self.heads:
-            raise ValueError(f"dim {self.dim} is not a multiple of heads {self.heads}")
+            raise VitlabError(f"dim {self.dim} is not a multiple of heads {self.heads}")
         if self.tokenizer not in ("patch", "conv"):
-            raise ValueError(f"tokenizer must be patch or conv, not '{self.tokenizer}'")
+            raise VitlabError(f"tokenizer must be patch or conv, not '{self.tokenizer}'")
         if self.tokenizer == "conv" and self.patch_size & (self.patch_size - 1):
-            raise ValueError(f"the conv tokenizer halves the image per stage: patch_size {self.patch_size} "
-                             f"must be a power of 2")
+            raise VitlabError(f"the conv tokenizer halves the image per stage: patch_size {self.patch_size} "
+                              f"must be a power of 2")
         if self.pool not in ("cls", "attention"):
-            raise ValueError(f"pool must be cls or attention, not '{self.pool}'")
+            raise VitlabError(f"pool must be cls or attention, not '{self.pool}'")
 
     @property
     def num_patches(self) -> int:
@@ -287,7 +289,7 @@ class ViT(nn.Module):
         }
         for reason, failed in unsupported.items():
             if failed:
-                raise ValueError(f"cannot convert this timm model: {reason}")
+                raise VitlabError(f"cannot convert this timm model: {reason}")
 
         patch = t.patch_embed.proj.kernel_size[0]
         config = ViTConfig(
@@ -314,11 +316,14 @@ class ViT(nn.Module):
 
         source = t.state_dict()
         target = model.state_dict()
-        assert set(mapping) == set(target), f"unmapped parameters: {set(target) ^ set(mapping)}"
+        # Checked with raise, not assert: a conversion must fail loudly under python -O too.
+        unmapped = (set(target) ^ set(mapping)) | (set(source) ^ set(mapping.values()))
+        if unmapped:
+            raise VitlabError(f"cannot convert this timm model: unmapped parameters {', '.join(sorted(unmapped))}")
         for ours, theirs in mapping.items():
-            assert source[theirs].shape == target[ours].shape, (
-                f"{theirs}: timm shape {tuple(source[theirs].shape)} != vitlab shape {tuple(target[ours].shape)}"
-            )
+            if source[theirs].shape != target[ours].shape:
+                raise VitlabError(f"cannot convert this timm model: {theirs} has shape {tuple(source[theirs].shape)} "
+                                  f"in timm, {tuple(target[ours].shape)} in vitlab")
             target[ours] = source[theirs]
         model.load_state_dict(target)
         return model
