@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vitlab import ViT, ViTConfig, load_model
+from vitlab import ViT, ViTConfig, inference, load_model
 from vitlab.evaluation import predict_logits
 from vitlab.inspection import attention_summary
 from vitlab.model import translate
@@ -29,14 +29,53 @@ def assert_png(path, min_size=(300, 200)):
         assert np.asarray(img.convert("L")).std() > 5
 
 
-def test_attention_rollout_is_a_distribution_over_patches():
-    model = ViT(ViTConfig(dim=32, depth=3, heads=2, patch_size=8)).eval()
-    summary = attention_summary(model, torch.randn(2, 3, 32, 32))
-    assert summary.rollout.shape == (2, 4, 4) and len(summary.per_layer) == 3
-    assert summary.rollout.min() == 0 and summary.rollout.max() == pytest.approx(1)
-    pooled = ViT(ViTConfig(dim=32, depth=2, heads=2, patch_size=8, pool="attention", tokenizer="conv")).eval()
-    summary = attention_summary(pooled, torch.randn(1, 3, 32, 32))
-    assert len(summary.per_layer) == 1 and summary.layer_label == "pooling weights"
+def expected_rollout(maps: list[np.ndarray], weights: np.ndarray) -> np.ndarray:
+    """Attention rollout (Abnar & Zuidema) written out: per layer the mean over heads, plus the
+    identity (the residual path), rows renormalised; the layers multiplied, the last on the left;
+    then the row `weights` (B, T) of the classified token. maps: layers of (B, heads, T, T)."""
+    B, _, T, _ = maps[0].shape
+    rollout = np.broadcast_to(np.eye(T), (B, T, T))
+    for attention in maps:
+        mixed = attention.mean(1) + np.eye(T)
+        rollout = (mixed / mixed.sum(-1, keepdims=True)) @ rollout
+    return np.einsum("bt,bts->bs", weights, rollout)
+
+
+def unit_grid(maps: np.ndarray, grid: int) -> np.ndarray:
+    """(B, grid*grid) -> (B, grid, grid), each map scaled to span [0, 1]."""
+    low, high = maps.min(1, keepdims=True), maps.max(1, keepdims=True)
+    return ((maps - low) / (high - low)).reshape(-1, grid, grid)
+
+
+def test_attention_rollout_matches_the_rollout_written_out(monkeypatch):
+    torch.manual_seed(0)
+    # 2 layers of 2 heads over a class token and 3 x 3 patches, attention set by hand (not the model's).
+    model = ViT(ViTConfig(image_size=24, patch_size=8, dim=32, depth=2, heads=2)).eval()
+    maps = [torch.randn(2, 2, 10, 10).mul(2).softmax(-1) for _ in range(2)]
+    monkeypatch.setattr(model, "attention_maps", lambda images: maps)
+    summary = attention_summary(model, torch.randn(2, 3, 24, 24))
+    assert summary.rollout.shape == (2, 3, 3) and len(summary.per_layer) == 2
+    class_token = np.eye(10)[[0, 0]]  # (B, T): the class token's row
+    expected = expected_rollout([m.numpy() for m in maps], class_token)[:, 1:]  # its own column dropped
+    np.testing.assert_allclose(summary.rollout.numpy(), unit_grid(expected, 3), atol=1e-5)
+    for layer, attention in zip(summary.per_layer, maps):
+        np.testing.assert_allclose(layer.numpy(), unit_grid(attention.numpy().mean(1)[:, 0, 1:], 3), atol=1e-5)
+
+    # Attention pooling: the rollout's rows weighted by the pooling weights, over all 4 tokens.
+    pooled = ViT(ViTConfig(image_size=16, dim=32, depth=2, heads=2, patch_size=8, pool="attention",
+                           tokenizer="conv")).eval()
+    maps = [torch.randn(3, 2, 4, 4).mul(2).softmax(-1) for _ in range(2)]
+    monkeypatch.setattr(pooled, "attention_maps", lambda images: maps)
+    images = torch.randn(3, 3, 16, 16)
+    summary = attention_summary(pooled, images)
+    with torch.no_grad():
+        tokens = pooled.forward_features(images).numpy()  # (B, 4, D)
+    scores = tokens @ pooled.pool.score.weight.detach().numpy()[0] + pooled.pool.score.bias.item()
+    weights = np.exp(scores) / np.exp(scores).sum(1, keepdims=True)
+    assert summary.layer_label == "pooling weights" and len(summary.per_layer) == 1
+    np.testing.assert_allclose(summary.per_layer[0].numpy(), unit_grid(weights, 2), atol=1e-5)
+    expected = expected_rollout([m.numpy() for m in maps], weights)
+    np.testing.assert_allclose(summary.rollout.numpy(), unit_grid(expected, 2), atol=1e-5)
 
 
 def test_attention_command_draws_every_image(run, tmp_path, capsys):
@@ -49,16 +88,42 @@ def test_attention_command_draws_every_image(run, tmp_path, capsys):
     assert_png(out, (500, 300))
 
 
-def test_eval_report_writes_figures_and_numbers(run, tmp_path, capsys):
+def test_eval_report_writes_figures_and_numbers(run, tmp_path, capsys, monkeypatch):
     images, _, ckpt = run
+    # A model whose logits are known: 4 for the image's dominant colour, 0 for the others, except
+    # that red images are called green. With 8 images a class, the confusion is known by construction.
+    load = inference.load_model
+
+    def load_known_model(path):
+        model = load(path)
+        mean, std = torch.tensor(model.image_mean).view(1, 3, 1, 1), torch.tensor(model.image_std).view(1, 3, 1, 1)
+        colour_class = torch.tensor([model.class_names.index(name) for name in ("green", "green", "blue")])  # R, G, B
+
+        def known_logits(x):
+            dominant = (x * std + mean).mean((2, 3)).argmax(1)  # 0 red, 1 green, 2 blue
+            return 4.0 * torch.nn.functional.one_hot(colour_class[dominant], 3).float()
+
+        monkeypatch.setattr(model, "forward", known_logits)
+        return model
+
+    monkeypatch.setattr(inference, "load_model", load_known_model)
     report = tmp_path / "report"
     code, out, _ = run_cli(capsys, "eval", "--checkpoint", ckpt, "--data", f"folder:{images}", "--report", report, "--json")
     assert code == 0
     numbers = json.loads((report / "report.json").read_text())
-    assert numbers["accuracy"] == pytest.approx(json.loads(out)["accuracy"])
-    assert np.array(numbers["confusion"]).sum() == 24 and numbers["classes"] == ["blue", "green", "red"]
-    for error in numbers["confident_errors"]:
-        assert error["true"] != error["predicted"]
+    assert numbers["classes"] == ["blue", "green", "red"] and numbers["n"] == 24
+    assert numbers["confusion"] == [[8, 0, 0], [0, 8, 0], [0, 8, 0]]  # rows: true, columns: predicted
+    assert numbers["per_class"] == {"blue": 1.0, "green": 1.0, "red": 0.0}
+    assert numbers["accuracy"] == pytest.approx(16 / 24)
+    log_total = np.log(np.exp(4) + 2)  # log-sum-exp of the logits (4, 0, 0)
+    assert numbers["loss"] == pytest.approx((16 * (log_total - 4) + 8 * log_total) / 24, rel=1e-5)
+    printed = json.loads(out)
+    assert printed["accuracy"] == pytest.approx(16 / 24) and printed["per_class"] == numbers["per_class"]
+    # The confident errors: all 8 red images, called green with probability e^4 / (e^4 + 2).
+    errors = numbers["confident_errors"]
+    assert len(errors) == 8 and {e["path"] for e in errors} == {str(p) for p in (images / "red").glob("*.png")}
+    assert all(e["true"] == "red" and e["predicted"] == "green" for e in errors)
+    assert all(e["probability"] == pytest.approx(np.exp(4) / (np.exp(4) + 2), abs=1e-4) for e in errors)
     for name in ["confusion_matrix.png", "per_class_accuracy.png", "confident_errors.png"]:
         assert_png(report / name)
 
