@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from vitlab import ViT, ViTConfig, inference, load_model
+from vitlab.errors import VitlabError
 from vitlab.evaluation import predict_logits
 from vitlab.inspection import attention_summary
-from vitlab.model import translate
 from tests.test_cli import run_cli, train_tiny_run
 
 
@@ -191,22 +191,28 @@ def test_bad_inputs_of_inspection_and_export(run, tmp_path, capsys):
 
 def test_tta_averages_logits_of_mirrored_and_translated_views():
     torch.manual_seed(0)
-    model = ViT(ViTConfig(image_size=8, patch_size=4, dim=16, depth=1, heads=2, num_classes=3)).eval()
+    # The conv tokenizer has BatchNorm: in eval mode it is per image, so all views can share a batch.
+    model = ViT(ViTConfig(image_size=8, patch_size=4, dim=16, depth=1, heads=2, num_classes=3, tokenizer="conv",
+                          conv_channels=8)).eval()
     torch.nn.init.normal_(model.head.weight)  # the head starts at zero: give the logits something to show
     model.image_mean, model.image_std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    batch_sizes = []
+    model.register_forward_hook(lambda module, args, output: batch_sizes.append(len(args[0])))
     images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
     plain, mirrored = predict_logits(model, images), predict_logits(model, images.flip(3))
     assert torch.allclose(predict_logits(model, images, batch_size=2, tta="flip"), (plain + mirrored) / 2, atol=1e-6)
     assert not torch.allclose(plain, mirrored)
     # flip-shift adds both, moved 2 pixels down-right and up-left, the border mirrored in (reflect padding).
-    padded = torch.nn.functional.pad(images.float(), (2, 2, 2, 2), mode="reflect")
-    down_right, up_left = padded[..., :8, :8], padded[..., 4:, 4:]
-    assert torch.equal(down_right[..., 2:, 2:], images[..., :6, :6].float())
-    assert torch.equal(down_right[..., 0, 2:], images[..., 2, :6].float())  # row -2 mirrors row 2
-    views = [images.float(), images.float().flip(3)]
-    views += [v for u in views for v in (translate(u, 2, 2), translate(u, -2, -2))]
-    assert torch.equal(views[2], down_right) and torch.equal(views[3], up_left)
-    expected = sum(predict_logits(model, v.to(torch.uint8)) for v in views) / 6
+    views = []
+    for view in (images, images.flip(3)):
+        padded = torch.nn.functional.pad(view.float(), (2, 2, 2, 2), mode="reflect")
+        views += [view.float(), padded[..., :8, :8], padded[..., 4:, 4:]]  # as is, down-right, up-left
+    assert torch.equal(views[1][..., 2:, 2:], images[..., :6, :6].float())
+    assert torch.equal(views[1][..., 0, 2:], images[..., 2, :6].float())  # row -2 mirrors row 2
+    expected = sum(predict_logits(model, v.to(torch.uint8)) for v in views) / 6  # one pass per view
+    batch_sizes.clear()
+    torch.testing.assert_close(predict_logits(model, images, tta="flip-shift"), expected, atol=1e-5, rtol=1e-5)
+    assert batch_sizes == [30]  # all 6 views of the 5 images in one forward pass
     assert torch.allclose(predict_logits(model, images, batch_size=2, tta="flip-shift"), expected, atol=1e-5)
-    with pytest.raises(ValueError, match="unknown test-time augmentation 'crop'"):
+    with pytest.raises(VitlabError, match="unknown test-time augmentation 'crop'"):
         predict_logits(model, images, tta="crop")

@@ -1,20 +1,46 @@
-"""Scoring a trained model on a labelled image set."""
+"""Scoring a trained model on a labelled image set, with or without test-time augmentation."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from vitlab.data.augment import normalize
+from vitlab.data.augment import flip_translate, normalize
 from vitlab.data.sources import ImageSet
-from vitlab.model import ViT, tta_logits
+from vitlab.errors import VitlabError
+from vitlab.model import ViT
+
+# Test-time augmentation: the views whose logits are averaged, each (mirrored, rows down, columns right).
+# The views are those that crop-flip training makes as likely as the image itself.
+TTA_VIEWS = {
+    "none": [(False, 0, 0)],
+    "flip": [(False, 0, 0), (True, 0, 0)],
+    # Both of those, each also moved 2 pixels up-left and down-right (reflect-padded, as the training crop).
+    "flip-shift": [(False, 0, 0), (True, 0, 0), (False, -2, -2), (False, 2, 2), (True, -2, -2), (True, 2, 2)],
+}
+
+
+def tta_logits(model: nn.Module, images: torch.Tensor, views: str = "none") -> torch.Tensor:
+    """The mean logits (B, num_classes) over the TTA_VIEWS[views] of each image (B, C, H, W).
+    All views go through the model as one batch: one forward pass, not one per view (exact, as the
+    model is in eval mode: BatchNorm uses its running statistics, not the batch's)."""
+    if views not in TTA_VIEWS:
+        raise VitlabError(f"unknown test-time augmentation '{views}' (choose from {', '.join(TTA_VIEWS)})")
+    if views == "none":
+        return model(images)
+    B, V = len(images), len(TTA_VIEWS[views])
+    # Each view's (mirrored, dy, dx) once per image, view by view as images.repeat lays out the batch.
+    flip, dy, dx = torch.tensor(TTA_VIEWS[views], device=images.device).repeat_interleave(B, dim=0).T  # 3 x (V*B,)
+    batch = flip_translate(images.repeat(V, 1, 1, 1), flip.bool(), dy, dx)  # (V*B, C, H, W)
+    return model(batch).view(V, B, -1).mean(0)
 
 
 @torch.no_grad()
 def predict_logits(model: ViT, images: torch.Tensor, batch_size: int = 500, tta: str = "none") -> torch.Tensor:
     """uint8 images (N, C, H, W) -> logits (N, num_classes), normalised as the model was trained.
     `model` is a ViT from load_model, or anything with its class_names/image_mean/image_std (OnnxModel).
-    tta: test-time augmentation, the views whose logits are averaged (model.tta_logits)."""
+    tta: test-time augmentation, the views whose logits are averaged (TTA_VIEWS)."""
     chunks = []
     for i in range(0, len(images), batch_size):
         batch = normalize(images[i:i + batch_size], model.image_mean, model.image_std)

@@ -34,6 +34,8 @@ class ViTConfig:
     tokenizer: str = "patch"  # patch: linear projection of patches | conv: small conv stem (CCT)
     conv_channels: int = 64  # width of the conv tokenizer's first stage (doubling per stage)
     pool: str = "cls"  # cls: classify the class token | attention: learned weighted mean of tokens
+    init: str | None = None  # start from trained weights: a vitlab .ckpt/.safetensors, a timm state dict
+    # (.safetensors/.pth) or timm:NAME; the head is made anew (see vitlab/pretrained.py)
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
@@ -335,32 +337,6 @@ class ViT(nn.Module):
         """Floating-point operations of one forward pass on one image (a multiply-add is 2)."""
         c = self.config
         return forward_flops(self, (1, c.in_channels, c.image_size, c.image_size))
-
-
-TTA_VIEWS = ("none", "flip", "flip-shift")
-
-
-def tta_logits(model: nn.Module, images: torch.Tensor, views: str = "none") -> torch.Tensor:
-    """Test-time augmentation: the mean logits over views of each image (B, C, H, W) that crop-flip
-    training makes as likely as the image itself.
-    none: the image; flip: the image and its mirror image; flip-shift: those two, each also
-    translated by 2 pixels up-left and down-right (reflect-padded, as the training crop): 6 views."""
-    if views not in TTA_VIEWS:
-        raise ValueError(f"unknown test-time augmentation '{views}' (choose from {', '.join(TTA_VIEWS)})")
-    if views == "none":
-        return model(images)
-    batches = [images, images.flip(3)]
-    if views == "flip-shift":
-        batches += [translate(b, d, d) for b in batches for d in (-2, 2)]
-    return sum(model(b) for b in batches) / len(batches)
-
-
-def translate(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """images (B, C, H, W) moved by (dy, dx) pixels, the uncovered border filled by reflection."""
-    H, W = images.shape[-2:]
-    p = max(abs(dy), abs(dx))
-    padded = F.pad(images, (p, p, p, p), mode="reflect")
-    return padded[..., p - dy:p - dy + H, p - dx:p - dx + W]
 
 
 def forward_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
