@@ -147,7 +147,7 @@ def apply(config: RunConfig, values: dict, origin: str) -> RunConfig:
             changes[key] = coerce(value, hints[key], f"{section}.{key}")
         try:
             sections[section] = dataclasses.replace(current, **changes)
-        except (VitlabError, ValueError) as e:
+        except VitlabError as e:
             raise VitlabError(f"invalid config in {origin}: {e}") from None
     return RunConfig(**sections)
 

@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from vitlab.evaluation import tta_logits
 from vitlab.model import ViT, ViTConfig
+from vitlab.pretrained import is_pretrained
 
 
 @dataclass
@@ -25,18 +26,24 @@ class OptimConfig:
     beta2: float = 0.999
     warmup: float = 0.0  # linear warm-up from 0 to lr over this fraction of training
     label_smoothing: float = 0.0
+    init_lr_scale: float = 1.0  # with model.init: the pre-trained part's LR is lr x this (0 freezes it)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, pretrained_lr_scale: float | None = None) -> list[dict]:
     """The decay rule, in one place: weight matrices and conv kernels decay; biases, norms and the
-    embedding-like parameters the model lists in `no_weight_decay` do not."""
+    embedding-like parameters the model lists in `no_weight_decay` do not.
+    With pretrained_lr_scale (a model started from model.init), the pre-trained parameters form
+    groups of their own whose LR is scaled by it ("lr_scale"); the first group is always new weights."""
     skip = set(getattr(model, "no_weight_decay", ()))
-    decay, no_decay = [], []
+    groups = {(scaled, decays): [] for scaled in (False, True) for decays in (True, False)}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 and name not in skip else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        scaled = pretrained_lr_scale is not None and is_pretrained(name)
+        groups[scaled, p.ndim >= 2 and name not in skip].append(p)
+    return [{"params": params, "weight_decay": weight_decay if decays else 0.0,
+             "lr_scale": pretrained_lr_scale if scaled else 1.0}
+            for (scaled, decays), params in groups.items() if params or not scaled]
 
 
 def warmup_cosine(progress: float, warmup: float, min_ratio: float) -> float:
@@ -133,9 +140,14 @@ class Classifier(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.optim
-        optimizer = torch.optim.AdamW(
-            param_groups(self.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2)
-        )
+        scale = o.init_lr_scale if self.model.config.init else None
+        if scale == 0:  # frozen: no gradients computed for the pre-trained part at all
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(not is_pretrained(name))
+        groups = param_groups(self.model, o.weight_decay, scale)
+        for group in groups:
+            group["lr"] = o.lr * group.pop("lr_scale")
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2))
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(self.training_progress(step), o.warmup, o.min_lr / o.lr)
         )

@@ -26,6 +26,7 @@ from vitlab.config import RunConfig
 from vitlab.data.datamodule import ImageDataModule
 from vitlab.errors import VitlabError
 from vitlab.io import free_space
+from vitlab.pretrained import init_config, load_init, read_init
 from vitlab.training.checkpoints import (
     AtomicCheckpointIO,
     BestCheckpoint,
@@ -163,6 +164,10 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
     if config.trainer.max_epochs is None and config.trainer.max_time is None:
         raise VitlabError("training needs a limit: set --max-epochs or --max-time")
     ckpt_path = prepare_run_dir(run_dir, resume)
+    init_weights = None
+    if config.model.init and ckpt_path is None:  # a resumed run's weights are in its checkpoint
+        init_weights, source = read_init(config.model.init)
+        config = dataclasses.replace(config, model=init_config(config.model, source))
     L.seed_everything(config.trainer.seed, workers=True, verbose=False)
 
     datamodule = ImageDataModule(config.data, config.model.image_size, seed=config.trainer.seed)
@@ -175,6 +180,8 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
     module = Classifier(**Classifier.hparams_for(
         model_config, config.optim, datamodule.classes, datamodule.mean, datamodule.std,
         config.trainer.val_tta))
+    if init_weights is not None:
+        load_init(module.model, init_weights, config.model.init)
     if config.trainer.compile:
         module.model.compile()  # in place: parameter names, and so checkpoints, stay the same
 

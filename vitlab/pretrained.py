@@ -1,0 +1,129 @@
+"""Starting from trained weights (`model.init`): a vitlab checkpoint or safetensors export, a timm
+ViT's state dict on disk (.safetensors, .pth), or `timm:NAME` through timm's own pretrained loading.
+
+vitlab's parameter names are timm's for the plain ViT, so a timm state dict maps by name. The head
+is always made anew (zeros) for the new classes; the position embedding is resampled bicubically
+when the token grid differs (as timm's `resample_abs_pos_embed`); any other shape that differs is
+an error naming the parameter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vitlab.errors import VitlabError
+from vitlab.io import read_checkpoint
+from vitlab.model import ViT, ViTConfig
+
+HEAD = ("head.weight", "head.bias")
+# What a vitlab checkpoint fixes about the model: the rest (image size, classes) is the new task's.
+ARCHITECTURE = ("patch_size", "in_channels", "dim", "depth", "heads", "mlp_ratio", "tokenizer", "conv_channels", "pool")
+
+
+def read_init(spec: str) -> tuple[dict[str, torch.Tensor], ViTConfig | None]:
+    """The weights that `model.init=spec` names, and the model config they came with (None for a
+    bare state dict)."""
+    if spec.startswith("timm:"):
+        return timm_weights(spec[len("timm:"):])
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise VitlabError(f"model.init: {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise VitlabError(f"model.init: {path} is not a safetensors file ({e})") from None
+        if "vitlab.config" in meta:
+            from vitlab.export import read_metadata
+
+            return state, ViTConfig(**read_metadata(meta, path)["config"])
+        return state, None
+    if path.suffix == ".ckpt":
+        checkpoint = read_checkpoint(path)
+        state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+        return state, ViTConfig(**checkpoint["hyper_parameters"]["model"])
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torch raises many kinds for files that are not state dicts
+        raise VitlabError(f"model.init: {path} is not a state dict that loads without running code") from None
+    state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise VitlabError(f"model.init: {path} holds no state dict of tensors")
+    return state, None
+
+
+def timm_weights(name: str) -> tuple[dict[str, torch.Tensor], ViTConfig]:
+    import timm
+
+    try:
+        timm_model = timm.create_model(name, pretrained=True)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise VitlabError(f"model.init: timm has no model '{name}'") from None
+        raise VitlabError(f"model.init: cannot load timm:{name} ({str(e).splitlines()[0]})") from None
+    except OSError as e:  # no network, no cached weights
+        raise VitlabError(f"model.init: cannot download the weights of timm:{name} (offline? {e}); "
+                          f"give a downloaded .safetensors/.pth file instead") from None
+    return timm_model.state_dict(), ViT.from_timm(timm_model).config
+
+
+def init_config(config: ViTConfig, source: ViTConfig | None) -> ViTConfig:
+    """The model config of a run that starts from weights: the source's architecture (when the
+    weights came with one), the run's own image size and classes."""
+    if source is None:
+        return config
+    return dataclasses.replace(config, **{k: getattr(source, k) for k in ARCHITECTURE})
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, grid: int, prefix_tokens: int) -> torch.Tensor:
+    """Position embedding (1, prefix + g*g, D) -> (1, prefix_tokens + grid*grid, D): the grid part
+    resized bicubically (antialiased when shrinking, as timm); a class-token row is kept if the
+    new model has one, dropped otherwise."""
+    D = pos_embed.shape[-1]
+    old = int(round((pos_embed.shape[1]) ** 0.5))
+    old_prefix = pos_embed.shape[1] - old * old
+    if old_prefix not in (0, 1) or prefix_tokens > old_prefix:
+        raise VitlabError(f"model.init: cannot map a position embedding of {pos_embed.shape[1]} tokens "
+                          f"onto {prefix_tokens} + {grid}x{grid}")
+    prefix, patches = pos_embed[:, :old_prefix], pos_embed[:, old_prefix:]
+    if old != grid:
+        patches = patches.reshape(1, old, old, D).permute(0, 3, 1, 2).float()
+        patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", antialias=True)
+        patches = patches.permute(0, 2, 3, 1).reshape(1, grid * grid, D).to(pos_embed.dtype)
+    return torch.cat([prefix[:, :prefix_tokens], patches], dim=1)
+
+
+def load_init(model: ViT, state: dict[str, torch.Tensor], spec: str):
+    """Copy `state` into `model` (all but the head), resampling the position embedding."""
+    target = model.state_dict()
+    missing = [k for k in target if k not in state and k not in HEAD]
+    if missing:
+        raise VitlabError(f"model.init: {spec} has no {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
+                          f"(is it a plain ViT with this model's tokenizer and pooling?)")
+    loaded = {}
+    for key in target:
+        if key in HEAD:
+            loaded[key] = target[key]  # the new task's head, as initialised
+            continue
+        value = state[key]
+        if key == "pos_embed":
+            value = resample_pos_embed(value, model.config.image_size // model.config.patch_size,
+                                       int(model.cls_token is not None))
+        if value.shape != target[key].shape:
+            raise VitlabError(f"model.init: {key} is {tuple(value.shape)} in {spec} but {tuple(target[key].shape)} "
+                              f"in this model (set model.* to the pre-trained model's architecture)")
+        loaded[key] = value
+    model.load_state_dict(loaded)
+
+
+def is_pretrained(name: str) -> bool:
+    """Whether a parameter of a model that started from `model.init` came from the init weights."""
+    return not name.startswith("head.")
