@@ -21,6 +21,7 @@ from PIL import Image, ImageFile
 from vitlab.data import sources
 from vitlab.data.sources import ImageSet, load_image_folder, read_image
 from vitlab.errors import VitlabError
+from vitlab.evaluation import evaluate
 from vitlab.inference import predict
 from vitlab.progress import progress
 from tests.conftest import CLASS_COLOURS, write_image_folder
@@ -288,9 +289,12 @@ def test_progress_is_shown_on_a_terminal_only(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stderr", terminal)
     assert list(progress(range(3), 3, "counting")) == [0, 1, 2]
     load_image_folder(write_image_folder(tmp_path / "imgs", per_class=2), 16, tmp_path / "cache")
+    evaluate(ColourModel(), ImageSet(torch.zeros(1200, 3, 8, 8, dtype=torch.uint8), torch.zeros(1200, dtype=torch.long),
+                                     list(CLASS_COLOURS)))
     shown = terminal.getvalue()
     assert "counting: 100%" in shown and "3/3" in shown
     assert "decoding: 100%" in shown and "6/6" in shown
+    assert "evaluating: 100%" in shown and "3/3" in shown  # 1,200 images in batches of 500
 
     pipe = io.StringIO()
     monkeypatch.setattr(sys, "stderr", pipe)

@@ -10,6 +10,7 @@ from vitlab.data.augment import flip_translate, normalize
 from vitlab.data.sources import ImageSet
 from vitlab.errors import VitlabError
 from vitlab.model import ViT
+from vitlab.progress import progress
 
 # Test-time augmentation: the views whose logits are averaged, each (mirrored, rows down, columns right).
 # The views are those that crop-flip training makes as likely as the image itself.
@@ -37,12 +38,17 @@ def tta_logits(model: nn.Module, images: torch.Tensor, views: str = "none") -> t
 
 
 @torch.no_grad()
-def predict_logits(model: ViT, images: torch.Tensor, batch_size: int = 500, tta: str = "none") -> torch.Tensor:
+def predict_logits(model: ViT, images: torch.Tensor, batch_size: int = 500, tta: str = "none",
+                   description: str | None = None) -> torch.Tensor:
     """uint8 images (N, C, H, W) -> logits (N, num_classes), normalised as the model was trained.
     `model` is a ViT from load_model, or anything with its class_names/image_mean/image_std (OnnxModel).
-    tta: test-time augmentation, the views whose logits are averaged (TTA_VIEWS)."""
+    tta: test-time augmentation, the views whose logits are averaged (TTA_VIEWS).
+    description: show a progress bar (on a terminal) with this label."""
+    starts = range(0, len(images), batch_size)
+    if description:
+        starts = progress(starts, len(starts), description)
     chunks = []
-    for i in range(0, len(images), batch_size):
+    for i in starts:
         batch = normalize(images[i:i + batch_size], model.image_mean, model.image_std)
         chunks.append(tta_logits(model, batch, tta))
     return torch.cat(chunks)
@@ -52,7 +58,7 @@ def evaluate(model: ViT, image_set: ImageSet, tta: str = "none") -> tuple[dict, 
     """Accuracy, mean cross-entropy, per-class accuracy and confusion matrix of model on image_set
     (whose labels index model.class_names); also returns the logits for further analysis.
     tta: test-time augmentation (see predict_logits)."""
-    logits = predict_logits(model, image_set.images, tta=tta)
+    logits = predict_logits(model, image_set.images, tta=tta, description="evaluating")
     labels = image_set.labels
     num_classes = len(model.class_names)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)  # rows: true, columns: predicted
