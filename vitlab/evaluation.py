@@ -22,17 +22,23 @@ TTA_VIEWS = {
 }
 
 
+def tta_views(name: str) -> list[tuple[bool, int, int]]:
+    """The views of the test-time augmentation called name, each (mirrored, dy, dx)."""
+    if name not in TTA_VIEWS:
+        raise VitlabError(f"unknown test-time augmentation '{name}' (choose from {', '.join(TTA_VIEWS)})")
+    return TTA_VIEWS[name]
+
+
 def tta_logits(model: nn.Module, images: torch.Tensor, views: str = "none") -> torch.Tensor:
     """The mean logits (B, num_classes) over the TTA_VIEWS[views] of each image (B, C, H, W).
     All views go through the model as one batch: one forward pass, not one per view (exact, as the
     model is in eval mode: BatchNorm uses its running statistics, not the batch's)."""
-    if views not in TTA_VIEWS:
-        raise VitlabError(f"unknown test-time augmentation '{views}' (choose from {', '.join(TTA_VIEWS)})")
-    if views == "none":
+    view_list = tta_views(views)
+    if len(view_list) == 1:
         return model(images)
-    B, V = len(images), len(TTA_VIEWS[views])
+    B, V = len(images), len(view_list)
     # Each view's (mirrored, dy, dx) once per image, view by view as images.repeat lays out the batch.
-    flip, dy, dx = torch.tensor(TTA_VIEWS[views], device=images.device).repeat_interleave(B, dim=0).T  # 3 x (V*B,)
+    flip, dy, dx = torch.tensor(view_list, device=images.device).repeat_interleave(B, dim=0).T  # 3 x (V*B,)
     batch = flip_translate(images.repeat(V, 1, 1, 1), flip.bool(), dy, dx)  # (V*B, C, H, W)
     return model(batch).view(V, B, -1).mean(0)
 
@@ -43,7 +49,9 @@ def predict_logits(model: ViT, images: torch.Tensor, batch_size: int = 500, tta:
     """uint8 images (N, C, H, W) -> logits (N, num_classes), normalised as the model was trained.
     `model` is a ViT from load_model, or anything with its class_names/image_mean/image_std (OnnxModel).
     tta: test-time augmentation, the views whose logits are averaged (TTA_VIEWS).
+    batch_size: the images of one forward pass, test-time views included.
     description: show a progress bar (on a terminal) with this label."""
+    batch_size = max(1, batch_size // len(tta_views(tta)))
     starts = range(0, len(images), batch_size)
     if description:
         starts = progress(starts, len(starts), description)
