@@ -34,7 +34,7 @@ def tta_logits(model: nn.Module, images: torch.Tensor, views: str = "none") -> t
     All views go through the model as one batch: one forward pass, not one per view (exact, as the
     model is in eval mode: BatchNorm uses its running statistics, not the batch's)."""
     view_list = tta_views(views)
-    if len(view_list) == 1:
+    if view_list == [(False, 0, 0)]:  # the image itself
         return model(images)
     B, V = len(images), len(view_list)
     # Each view's (mirrored, dy, dx) once per image, view by view as images.repeat lays out the batch.
