@@ -110,9 +110,8 @@ def cmd_train(args):
 def cmd_eval(args):
     from vitlab import config as configs
     from vitlab.data.datamodule import load_eval_set
-    from vitlab.evaluation import evaluate
+    from vitlab.evaluation import TTA_VIEWS, evaluate
     from vitlab.inference import load_model
-    from vitlab.evaluation import TTA_VIEWS
 
     if args.tta not in TTA_VIEWS:
         raise VitlabError(f"--tta must be one of {', '.join(TTA_VIEWS)}, not '{args.tta}'")

@@ -18,8 +18,8 @@ import yaml
 
 from vitlab.data.datamodule import DataConfig
 from vitlab.errors import VitlabError
-from vitlab.io import atomic_write
 from vitlab.evaluation import TTA_VIEWS
+from vitlab.io import atomic_write
 from vitlab.model import ViTConfig
 from vitlab.training.module import OptimConfig
 

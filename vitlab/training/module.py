@@ -60,7 +60,7 @@ class Classifier(L.LightningModule):
 
     The hyperparameters saved in every checkpoint (model config, optimiser config, class names and
     input normalisation) are all that is needed to rebuild and use the model.
-    val_tta: the test-time augmentation validation scores (model.tta_logits: none, flip, flip-shift).
+    val_tta: the test-time augmentation validation scores (vitlab.evaluation.TTA_VIEWS: none, flip, flip-shift).
     """
 
     def __init__(self, model: dict, optim: dict, class_names: list[str], image_mean: list, image_std: list,
