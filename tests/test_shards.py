@@ -1,0 +1,269 @@
+"""Packing images as LitData chunks and streaming them back: the round trip is exact, an epoch sees
+each image once, a run stopped part-way through an epoch resumes without repeating or missing one,
+and bad inputs are one-line errors."""
+
+import hashlib
+import io
+import json
+import shutil
+
+import lightning as L
+import litdata
+import pytest
+import torch
+from PIL import Image
+
+from vitlab.data import shards
+from vitlab.data.sources import ImageSet, make_fake, read_image
+from vitlab.errors import VitlabError
+from tests.conftest import CLASS_COLOURS, write_image_folder
+from tests.test_images import time_limit
+
+CLASSES = sorted(CLASS_COLOURS)
+SMALL_CHUNKS = 6000  # bytes: a few images a chunk, so that shuffling and resuming cross chunks
+
+
+@pytest.fixture(autouse=True)
+def no_hang():
+    with time_limit(60, "this shards test"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    """36 PNG images of 32 px in three classes, packed at 32 px in chunks of a few images."""
+    root = write_image_folder(tmp_path_factory.mktemp("data") / "images")
+    out = root.parent / "shards"
+    return root, out, shards.pack_folder(root, out, 32, chunk_bytes=SMALL_CHUNKS)
+
+
+def stored_items(out) -> dict[str, dict]:
+    """The raw items of a pack by name, as written (no decoding)."""
+    dataset = litdata.StreamingDataset(str(out))
+    return {item["name"]: {**item, "image": bytes(item["image"])} for item in (dataset[i] for i in range(len(dataset)))}
+
+
+def fingerprint(image: torch.Tensor) -> str:
+    return hashlib.sha1(image.numpy().tobytes()).hexdigest()
+
+
+def streamed_names(loader) -> list[str]:
+    return [name for _, _, names in loader for name in names]
+
+
+def test_pack_round_trip_keeps_every_image_its_label_and_its_bytes(packed):
+    root, out, manifest = packed
+    items = stored_items(out)
+    assert manifest.classes == CLASSES and manifest.count == len(items) == 36 and manifest.image_size == 32
+    assert sorted(items) == sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
+    for name, item in items.items():
+        assert item["label"] == CLASSES.index(name.split("/")[0])
+        assert item["image"] == (root / name).read_bytes()  # a PNG at the image size is kept as it is
+    assert shards.read_manifest(str(out)) == manifest
+    folder = ImageSet(torch.stack([read_image(root / n, 32) for n in items]), torch.zeros(36), CLASSES)
+    assert manifest.mean == pytest.approx(folder.mean_std()[0]) and manifest.std == pytest.approx(folder.mean_std()[1])
+
+
+def test_streamed_pixels_are_the_folder_pixels_exactly(packed):
+    root, out, _ = packed
+    for images, labels, names in shards.shard_loader(shards.shard_dataset(str(out), 32, names=True), 8):
+        assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32) and labels.dtype == torch.int64
+        for image, label, name in zip(images, labels, names):
+            assert torch.equal(image, read_image(root / name, 32)) and label == CLASSES.index(name.split("/")[0])
+
+
+def test_resized_images_are_stored_as_png_and_decode_exactly(tmp_path):
+    root = write_image_folder(tmp_path / "images", per_class=3, size=40)
+    shards.pack_folder(root, tmp_path / "shards", 24)
+    for name, item in stored_items(tmp_path / "shards").items():
+        assert Image.open(io.BytesIO(item["image"])).format == "PNG"
+        decoded = shards.decode_item(item, 24, None, False)[0]
+        assert torch.equal(decoded, read_image(root / name, 24))
+
+
+def test_jpeg_files_are_kept_as_they_are_and_png_becomes_jpeg_when_asked(tmp_path):
+    jpegs = write_image_folder(tmp_path / "jpegs", per_class=3, fmt="jpg")
+    shards.pack_folder(jpegs, tmp_path / "a", 32)
+    assert all(item["image"] == (jpegs / name).read_bytes() for name, item in stored_items(tmp_path / "a").items())
+    pngs = write_image_folder(tmp_path / "pngs", per_class=3)
+    shards.pack_folder(pngs, tmp_path / "b", 32, jpeg_quality=90)
+    assert all(Image.open(io.BytesIO(item["image"])).format == "JPEG" for item in stored_items(tmp_path / "b").values())
+
+
+def test_an_in_memory_set_packs_exactly(tmp_path):
+    fake = make_fake(num_images=20, num_classes=4, image_size=16)
+    manifest = shards.pack_image_set(fake, tmp_path / "shards", "fake", num_workers=2)
+    assert manifest.classes == fake.classes and manifest.count == 20 and manifest.image_size == 16
+    assert manifest.mean == pytest.approx(fake.mean_std()[0]) and manifest.std == pytest.approx(fake.mean_std()[1])
+    loader = shards.shard_loader(shards.shard_dataset(str(tmp_path / "shards"), 16, names=True), 6)
+    for images, labels, names in loader:
+        for image, label, name in zip(images, labels, names):
+            i = int(name.removeprefix("fake/"))
+            assert torch.equal(image, fake.images[i]) and label == fake.labels[i]
+
+
+def test_a_per_sample_transform_runs_on_each_decoded_image(packed):
+    root, out, _ = packed
+    dataset = shards.shard_dataset(str(out), 32, transform=lambda image: image.flip(-1), names=True)
+    for images, _, names in shards.shard_loader(dataset, 12):
+        assert all(torch.equal(image, read_image(root / name, 32).flip(-1)) for image, name in zip(images, names))
+
+
+def test_items_are_packed_in_a_random_order(packed):
+    # LitData reads a chunk's items together: chunks of one class would make batches of one class.
+    labels = [item["label"] for item in litdata.StreamingDataset(str(packed[1]))]
+    assert labels != sorted(labels)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_streamed_epoch_sees_each_image_once_in_a_seeded_order(packed, num_workers):
+    _, out, manifest = packed
+
+    def epoch(seed):
+        dataset = shards.shard_dataset(str(out), 32, shuffle=True, seed=seed, names=True)
+        return streamed_names(shards.shard_loader(dataset, 5, num_workers))
+
+    first = epoch(seed=1)
+    assert sorted(first) == sorted(stored_items(out)) and len(first) == manifest.count
+    assert epoch(seed=1) == first and epoch(seed=2) != first
+
+
+def test_the_held_out_split_is_fixed_by_its_seed_and_disjoint_from_training(packed):
+    _, out, manifest = packed
+    train, held_out = shards.split_indices(manifest.count, 0.25, seed=3)
+    assert len(held_out) == 9 and sorted(train + held_out) == list(range(36))
+    assert shards.split_indices(36, 0.25, seed=3) == (train, held_out)
+    assert len({tuple(shards.split_indices(36, 0.25, seed)[1]) for seed in range(5)}) > 1
+    seen_train = streamed_names(shards.shard_loader(shards.shard_dataset(str(out), 32, train, True, names=True), 4))
+    seen_held_out = streamed_names(shards.shard_loader(shards.shard_dataset(str(out), 32, held_out, names=True), 4))
+    assert len(set(seen_train)) == 27 == len(seen_train) and len(seen_held_out) == 9
+    assert sorted(seen_train + seen_held_out) == sorted(stored_items(out))
+    with pytest.raises(VitlabError, match="leaves no training"):
+        shards.split_indices(3, 0.1, 0)
+
+
+@pytest.mark.parametrize("workers_before, workers_after", [(0, 0), (2, 2), (2, 1)])
+def test_a_loader_stopped_mid_epoch_resumes_with_the_images_it_had_not_given(packed, workers_before, workers_after):
+    _, out, manifest = packed
+    train, _ = shards.split_indices(manifest.count, 0.25, seed=0)
+
+    def loader(num_workers):
+        dataset = shards.shard_dataset(str(out), 32, train, shuffle=True, seed=1, names=True)
+        return shards.shard_loader(dataset, 4, num_workers)
+
+    before, stopped = [], loader(workers_before)
+    for step, (_, _, names) in enumerate(stopped):
+        before += names
+        if step == 2:  # three batches taken, then the process "dies"
+            break
+    state = stopped.state_dict()
+    resumed = loader(workers_after)
+    resumed.load_state_dict(state)
+    after = streamed_names(resumed)
+    assert len(before) == 12 and len(after) == 15 and sorted(before + after) == sorted(streamed_names(loader(0)))
+    assert len(streamed_names(resumed)) == 27  # and the next epoch is whole again
+
+
+class Recorder(L.LightningModule):
+    """Records which images each training step saw (by their pixels); learns nothing of interest."""
+
+    def __init__(self, loader):
+        super().__init__()
+        self.layer = torch.nn.Linear(1, 1)
+        self.loader = loader
+        self.seen = []
+
+    def train_dataloader(self):
+        return self.loader
+
+    def training_step(self, batch, batch_idx):
+        images, _ = batch
+        self.seen += [fingerprint(image) for image in images]
+        return self.layer(images.float().mean((1, 2, 3)).unsqueeze(1)).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAfter(L.Callback):
+    """Saves a checkpoint after `steps` training steps, as vitlab's LastCheckpoint does, then dies."""
+
+    def __init__(self, steps: int, path):
+        self.steps, self.path = steps, path
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.steps:
+            trainer.save_checkpoint(self.path)
+            raise Crash
+
+
+def test_lightning_resumes_from_a_mid_epoch_checkpoint_as_if_never_stopped(packed, tmp_path):
+    _, out, _ = packed
+
+    def module():
+        return Recorder(shards.shard_loader(shards.shard_dataset(str(out), 32, shuffle=True, seed=5), 4, 1))
+
+    def trainer(*callbacks):
+        return L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
+                         default_root_dir=tmp_path)
+
+    straight = module()
+    trainer().fit(straight)
+    crashed = module()
+    with pytest.raises(Crash):
+        trainer(CrashAfter(9 + 4, tmp_path / "mid.ckpt")).fit(crashed)  # four steps into the second epoch
+    resumed = module()
+    trainer().fit(resumed, ckpt_path=tmp_path / "mid.ckpt")
+    assert len(straight.seen) == 2 * 36 and len(set(straight.seen[:36])) == 36 == len(set(straight.seen[36:]))
+    assert crashed.seen + resumed.seen == straight.seen  # the same images in the same order, none twice
+
+
+def test_a_remote_pack_streams_through_a_bounded_cache(packed, tmp_path):
+    # "local:" makes LitData treat a folder as a bucket: chunks are copied into the cache to be read.
+    _, out, manifest = packed
+    assert shards.read_manifest(f"local:{out}") == manifest
+    for size, kept in [("25GB", True), (1, False)]:
+        cache = tmp_path / f"cache-{size}"
+        dataset = shards.shard_dataset(f"local:{out}", 32, names=True, cache_dir=cache, max_cache_size=size)
+        assert sorted(streamed_names(shards.shard_loader(dataset, 4))) == sorted(stored_items(out))
+        assert bool(list(cache.rglob("chunk-*.bin"))) == kept  # a cache too small for a chunk drops each after use
+
+
+def test_bad_inputs_are_one_line_errors(packed, tmp_path):
+    root, out, _ = packed
+    (tmp_path / "chunks").mkdir()
+    (tmp_path / "chunks" / "index.json").write_text((out / "index.json").read_text())
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "index.json").write_text("{}")
+    (tmp_path / "damaged" / "vitlab.json").write_text("{not json")
+    for location, message in [(tmp_path / "nowhere", "does not exist"), (tmp_path, "no index.json"),
+                              (tmp_path / "chunks", "no vitlab.json"), (tmp_path / "damaged", "is damaged"),
+                              (f"local:{tmp_path / 'nowhere'}", "cannot read")]:
+        with pytest.raises(VitlabError, match=message) as error:
+            shards.read_manifest(str(location))
+        assert "\n" not in str(error.value)
+    shutil.copytree(out, tmp_path / "newer")
+    newer = {**json.loads((out / "vitlab.json").read_text()), "format": 99}
+    (tmp_path / "newer" / "vitlab.json").write_text(json.dumps(newer))
+    with pytest.raises(VitlabError, match="newer vitlab"):
+        shards.read_manifest(str(tmp_path / "newer"))
+    with pytest.raises(VitlabError, match="not an empty folder"):
+        shards.pack_folder(root, out, 32)
+    with pytest.raises(VitlabError, match="does not exist"):
+        shards.pack_folder(tmp_path / "nowhere", tmp_path / "new", 32)
+
+
+def test_an_unreadable_image_stops_packing_unless_skipped(tmp_path, capsys):
+    root = write_image_folder(tmp_path / "images", per_class=2)
+    (root / "red" / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(VitlabError, match=r"cannot read image .*broken.png.*--skip-bad-images"):
+        shards.pack_folder(root, tmp_path / "shards", 32)
+    assert not (tmp_path / "shards").exists()  # nothing half-written is left behind
+    manifest = shards.pack_folder(root, tmp_path / "shards", 32, skip_bad_images=True)
+    assert manifest.count == 6 and "skipped 1 unreadable images" in capsys.readouterr().err
+    assert json.loads((tmp_path / "shards" / "vitlab.json").read_text())["count"] == 6

@@ -1,0 +1,275 @@
+"""Images packed as LitData chunk files, and streamed back for training and evaluation.
+
+For data larger than memory. `pack_folder` / `pack_image_set` write a source's images with
+`litdata.optimize` (chunk-*.bin files and an index.json) and, last, a manifest DIR/vitlab.json
+(class names, image size, count, normalisation statistics): a folder without it is not a finished
+pack. Each item is {"image": encoded bytes, "label": class index, "name": where it came from}; a
+JPEG or PNG file already at the image size is kept byte for byte, anything else is stored as PNG
+(lossless) or, when asked, as JPEG at a stated quality. Items are written in a seeded random order:
+LitData reads a chunk's items together, so chunks of one class each would make batches of one class.
+
+`shard_dataset` streams a pack from a local folder or a bucket (s3://, gs://, ...; remote chunks go
+through a bounded local cache) as (uint8 image (3, S, S), int64 label) items, decoded (and, with a
+per-sample transform, augmented) in the loader's workers; `shard_loader` batches them like the
+in-memory loader, split across ranks and workers, and its `state_dict` lets a run resume part-way
+through an epoch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from vitlab.data.sources import ImageSet, list_image_folder, read_image
+from vitlab.errors import VitlabError
+from vitlab.io import atomic_write
+
+# LitData may ask PyPI whether a newer version of itself exists: never (it is pinned, and training
+# makes no network calls of its own). LitData reads this when it is first imported.
+os.environ["LITDATA_DISABLE_VERSION_CHECK"] = "1"
+import litdata  # noqa: E402
+from litdata.streaming.downloader import get_downloader  # noqa: E402
+
+MANIFEST = "vitlab.json"
+FORMAT = 1  # bumped when the items or the manifest change in a way older vitlab versions cannot read
+CHUNK_BYTES = "64MB"  # LitData's advice: big enough for throughput from buckets, small enough to cache
+PACK_ORDER_SEED = 0
+REMOTE_PREFIXES = ("s3://", "gs://", "r2://", "azure://", "local:")  # LitData reads "local:" as a bucket: tests
+
+
+@dataclass(frozen=True)
+class Manifest:
+    classes: list[str]
+    image_size: int
+    count: int  # items in the pack
+    mean: tuple[float, ...]  # per channel, in [0, 1] units, of the packed images as decoded
+    std: tuple[float, ...]
+
+
+# --- packing -------------------------------------------------------------------------------------
+
+def pack_folder(root: Path, out_dir: Path, image_size: int, jpeg_quality: int | None = None,
+                skip_bad_images: bool = False, num_workers: int = 1, chunk_bytes: int | str = CHUNK_BYTES) -> Manifest:
+    """Pack an ImageFolder tree root/<class>/<image> into out_dir (which must be new or empty).
+    Names are the files' paths relative to root."""
+    classes, samples = list_image_folder(root)
+    items = [(path, label, path.relative_to(root).as_posix()) for path, label in samples]
+    return pack(items, classes, out_dir, image_size, jpeg_quality, skip_bad_images, num_workers, chunk_bytes)
+
+
+def pack_image_set(image_set: ImageSet, out_dir: Path, name: str, jpeg_quality: int | None = None,
+                   num_workers: int = 1, chunk_bytes: int | str = CHUNK_BYTES) -> Manifest:
+    """Pack an in-memory ImageSet (CIFAR, fake data) into out_dir; the items are named name/<index>."""
+    labels = image_set.labels.tolist()
+    items = [(image, labels[i], f"{name}/{i}") for i, image in enumerate(image_set.images)]
+    image_size = image_set.images.shape[-1]
+    return pack(items, image_set.classes, out_dir, image_size, jpeg_quality, False, num_workers, chunk_bytes)
+
+
+def pack(items: list[tuple[Path | torch.Tensor, int, str]], classes: list[str], out_dir: Path, image_size: int,
+         jpeg_quality: int | None, skip_bad_images: bool, num_workers: int, chunk_bytes: int | str) -> Manifest:
+    """Write items (image file or uint8 (3, S, S) tensor, label, name) as chunks, then read them
+    back as training will: that pass finds unreadable files and measures mean and std."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise VitlabError(f"pack output {out_dir} exists and is not an empty folder: choose a new folder")
+    if jpeg_quality is not None and not 1 <= jpeg_quality <= 95:
+        raise VitlabError(f"JPEG quality must be between 1 and 95, not {jpeg_quality}")
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(PACK_ORDER_SEED))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        litdata.optimize(
+            partial(encode_item, image_size=image_size, jpeg_quality=jpeg_quality),
+            [items[i] for i in order.tolist()], str(out_dir), chunk_bytes=chunk_bytes, num_workers=num_workers,
+            keep_data_ordered=True, reorder_files=False, verbose=False,
+            # fork: workers start at once, without importing torch again or pickling in-memory images.
+            start_method="fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn",
+        )
+        written = any(out_dir.glob("chunk-*.bin"))
+        names, mean, std = read_back(out_dir, image_size, num_workers) if written else (set(), None, None)
+        unreadable = [source for source, _, name in items if name not in names]
+        if unreadable and not skip_bad_images:
+            raise VitlabError(f"{why_unreadable(unreadable[0], image_size)} "
+                              f"(use --skip-bad-images to skip unreadable images)")
+        if not names:
+            raise VitlabError(f"none of the {len(items)} images could be read: nothing to pack")
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)  # all ours: it was new or empty
+        raise
+    if unreadable:
+        print(f"skipped {len(unreadable)} unreadable images, e.g. {unreadable[0]}", file=sys.stderr)
+    manifest = Manifest(list(classes), image_size, len(names), mean, std)
+    atomic_write(out_dir / MANIFEST, json.dumps({"format": FORMAT, **asdict(manifest)}, indent=1), "shard manifest")
+    return manifest
+
+
+def why_unreadable(path: Path, image_size: int) -> str:
+    """read_image's one-line error for a file that could not be packed."""
+    try:
+        read_image(path, image_size)
+    except VitlabError as e:
+        return str(e)
+    return f"cannot pack image {path}"  # readable now: it changed while packing
+
+
+def encode_item(item: tuple[Path | torch.Tensor, int, str], image_size: int, jpeg_quality: int | None):
+    """One item for optimize, run in its workers. An unreadable file yields nothing: an exception in
+    an optimize worker leaves processes behind, so pack() finds the gap when it reads the pack back."""
+    source, label, name = item
+    try:
+        data = encode_image(source, image_size, jpeg_quality)
+    except VitlabError:
+        return
+    yield {"image": data, "label": label, "name": name}
+
+
+def encode_image(source: Path | torch.Tensor, image_size: int, jpeg_quality: int | None) -> bytes:
+    """The bytes to store: the file itself when it is a JPEG, or a PNG (unless JPEG is asked for),
+    already at the image size; else the image as training decodes it, encoded as PNG or JPEG."""
+    if isinstance(source, Path):
+        data = source.read_bytes()
+        image = read_image(NamedBytes(data, str(source)), image_size)  # the file must decode
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            keep = img.format == "JPEG" or (img.format == "PNG" and jpeg_quality is None)
+            if keep and img.size == (image_size, image_size):
+                return data
+    else:
+        image = source
+    out = io.BytesIO()
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy())  # (S, S, 3)
+    if jpeg_quality is None:
+        pil.save(out, "PNG")
+    else:
+        pil.save(out, "JPEG", quality=jpeg_quality)
+    return out.getvalue()
+
+
+def read_back(out_dir: Path, image_size: int, num_workers: int) -> tuple[set[str], tuple, tuple]:
+    """(names of the items, per-channel mean, std) of a pack, read as training reads it. Sums in
+    float64 over batches, as ImageSet.mean_std does."""
+    loader = shard_loader(shard_dataset(str(out_dir), image_size, names=True), 256, num_workers)
+    sums, squares, names = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), set()
+    for images, _, batch_names in loader:
+        x = images.double()  # (B, 3, S, S)
+        sums += x.sum((0, 2, 3))
+        squares += x.square_().sum((0, 2, 3))
+        names.update(batch_names)
+    count = len(names) * image_size * image_size  # values per channel
+    mean = sums / count
+    var = (squares - count * mean.square()) / (count - 1)
+    return names, tuple((mean / 255).tolist()), tuple((var.clamp_min(0).sqrt() / 255).tolist())
+
+
+# --- streaming -----------------------------------------------------------------------------------
+
+class NamedBytes(io.BytesIO):
+    """Encoded image bytes that read_image's errors name by where the image came from."""
+
+    def __init__(self, data: bytes, name: str):
+        super().__init__(data)
+        self.name = name
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def decode_item(item: dict, image_size: int, transform: Callable | None, names: bool) -> tuple:
+    """A stored item -> (uint8 image (3, S, S), label[, name]); run in the loader's workers."""
+    image = read_image(NamedBytes(item["image"], item["name"]), image_size)
+    if transform is not None:
+        image = transform(image)
+    return (image, item["label"], item["name"]) if names else (image, item["label"])
+
+
+def is_remote(location: str) -> bool:
+    return location.startswith(REMOTE_PREFIXES)
+
+
+def read_remote(url: str) -> str:
+    """A small file from a bucket, with LitData's client for that store (its credentials and options)."""
+    if url.startswith("local:"):
+        return Path(url.removeprefix("local:")).read_text()
+    buffer = io.BytesIO()
+    # download_fileobj: the store's plain client. download_file would start obstore's runtime in this
+    # process, which the loader's forked workers then inherit broken (LitData avoids it for index.json).
+    get_downloader(url, tempfile.gettempdir(), []).download_fileobj(url, buffer)
+    return buffer.getvalue().decode()
+
+
+def read_manifest(location: str) -> Manifest:
+    """The manifest of a pack in a local folder or at a bucket URL, or a one-line error saying what
+    is missing."""
+    if is_remote(location):
+        url = f"{location.rstrip('/')}/{MANIFEST}"
+        try:
+            text = read_remote(url)
+        except Exception as e:  # each store's client raises its own kinds
+            raise VitlabError(f"cannot read {url}: {' '.join(str(e).split()) or type(e).__name__}") from None
+    else:
+        folder = Path(location)
+        if not folder.is_dir():
+            raise VitlabError(f"shards folder {folder} does not exist")
+        if not (folder / "index.json").is_file():
+            raise VitlabError(f"{folder} has no index.json: not LitData chunks (make them with vitlab pack)")
+        if not (folder / MANIFEST).is_file():
+            raise VitlabError(f"{folder} has no {MANIFEST}: not made by vitlab pack, or packing did not finish")
+        text = (folder / MANIFEST).read_text()
+    try:
+        fields = json.loads(text)
+        if fields.pop("format") > FORMAT:
+            raise VitlabError(f"{location} was packed by a newer vitlab (this one reads up to format {FORMAT}): "
+                              f"upgrade vitlab")
+        return Manifest(**{**fields, "mean": tuple(fields["mean"]), "std": tuple(fields["std"])})
+    except (ValueError, KeyError, TypeError):
+        raise VitlabError(f"{location}/{MANIFEST} is damaged (not a vitlab shard manifest)") from None
+
+
+def split_indices(count: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, held-out) item indices: a fixed, seeded part of the pack, the same in every run with
+    this seed. Items are packed in random order, so a run of consecutive items is a random sample,
+    and LitData reads a run as a few ranges of chunks (a scattered choice would be one range per item)."""
+    n_val = round(count * fraction)
+    if not 0 < n_val < count:
+        raise VitlabError(f"--val-fraction {fraction} of {count} images leaves no training or validation images")
+    start = int(torch.randint(count, (1,), generator=torch.Generator().manual_seed(seed)))
+    held_out = [(start + i) % count for i in range(n_val)]  # may wrap around the end
+    train = [(start + i) % count for i in range(n_val, count)]
+    return train, held_out
+
+
+def shard_dataset(location: str, image_size: int, indices: list[int] | None = None, shuffle: bool = False,
+                  seed: int = 0, transform: Callable | None = None, names: bool = False,
+                  cache_dir: Path | None = None, max_cache_size: str = "25GB") -> litdata.StreamingDataset:
+    """The items of a pack (those at `indices`, else all) as (uint8 image (3, S, S), label) pairs,
+    or triples with the item's name. Shuffled by (seed, epoch) when asked. A remote pack's chunks
+    are cached in cache_dir, at most max_cache_size of them (LitData warns below 25GB)."""
+    try:
+        dataset = litdata.StreamingDataset(
+            location, cache_dir=str(cache_dir) if cache_dir and is_remote(location) else None, shuffle=shuffle,
+            seed=seed, max_cache_size=max_cache_size,
+            transform=partial(decode_item, image_size=image_size, transform=transform, names=names),
+        )
+    except (ValueError, AssertionError, OSError) as e:  # LitData checks some inputs with assert
+        raise VitlabError(f"cannot read shards {location}: {' '.join(str(e).split())}") from None
+    return dataset if indices is None else dataset.subset(indices)
+
+
+def shard_loader(dataset: litdata.StreamingDataset, batch_size: int,
+                 num_workers: int = 0) -> litdata.StreamingDataLoader:
+    """Batches of (uint8 images (B, 3, S, S), int64 labels), each rank and worker reading its own
+    share of the chunks. Its state_dict records how far into the epoch it is (Lightning saves it in
+    checkpoints); load_state_dict on a new loader continues from there. Each worker's last batch of
+    an epoch may be short."""
+    return litdata.StreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                       pin_memory=torch.cuda.is_available())
