@@ -72,6 +72,17 @@ def test_streamed_pixels_are_the_folder_pixels_exactly(packed):
             assert torch.equal(image, read_image(root / name, 32)) and label == CLASSES.index(name.split("/")[0])
 
 
+def test_a_pack_loads_into_memory_for_evaluation(packed):
+    root, out, manifest = packed
+    _, held_out = shards.split_indices(manifest.count, 0.25, seed=0)
+    loaded = shards.load_shards(str(out), 32, held_out, num_workers=1)
+    assert loaded.classes == CLASSES and len(loaded) == 9 and len(set(loaded.paths)) == 9
+    names = list(stored_items(out))  # in pack order
+    assert loaded.paths == [names[i] for i in held_out]
+    for image, label, name in zip(loaded.images, loaded.labels, loaded.paths):
+        assert torch.equal(image, read_image(root / name, 32)) and label == CLASSES.index(name.split("/")[0])
+
+
 def test_resized_images_are_stored_as_png_and_decode_exactly(tmp_path):
     root = write_image_folder(tmp_path / "images", per_class=3, size=40)
     shards.pack_folder(root, tmp_path / "shards", 24)

@@ -273,3 +273,17 @@ def shard_loader(dataset: litdata.StreamingDataset, batch_size: int,
     an epoch may be short."""
     return litdata.StreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                        pin_memory=torch.cuda.is_available())
+
+
+def load_shards(location: str, image_size: int, indices: list[int] | None = None, num_workers: int = 0,
+                cache_dir: Path | None = None) -> ImageSet:
+    """The items of a pack (those at `indices`, else all) decoded into memory, with their names as
+    paths: for evaluation and its reports, which want every image at hand."""
+    classes = read_manifest(location).classes
+    dataset = shard_dataset(location, image_size, indices, names=True, cache_dir=cache_dir)
+    images, labels, names = [], [], []
+    for batch_images, batch_labels, batch_names in shard_loader(dataset, 256, num_workers):
+        images.append(batch_images)
+        labels.append(batch_labels)
+        names += batch_names
+    return ImageSet(torch.cat(images), torch.cat(labels), classes, names)
