@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in --run-dir from last.ckpt (the same command plus --resume; "
                         "only --max-epochs/--max-time may change)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--accelerator", help="cpu, gpu or auto (default: auto)")
+    p.add_argument("--devices", type=lambda v: v if v == "auto" else int(v), metavar="N|auto",
+                   help="training processes per machine, one per GPU (default 1); more train with DDP")
+    p.add_argument("--num-nodes", type=int, help="machines (default 1); launch with torchrun or SLURM (docs/distributed.md)")
     p.add_argument("--val-fraction", type=float, help="held-out fraction when the source has no validation split")
     add_data_options(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=3e-4")
@@ -97,14 +101,18 @@ def data_flag_values(args) -> dict:
 def cmd_train(args):
     from vitlab import config as configs
     from vitlab.api import train
+    from vitlab.training.run import launched_as_rank_zero
 
     overrides = {f"data.{k}": v for k, v in data_flag_values(args)["data"].items() if k != "source"}
+    overrides.update({f"trainer.{k}": v for k in ("accelerator", "devices", "num_nodes")
+                      if (v := getattr(args, k)) is not None})
     overrides.update(configs.parse_override(text) for text in args.overrides)
     run = train(args.preset, args.data, config=args.config, max_epochs=args.max_epochs, max_time=args.max_time,
                 run_dir=args.run_dir, seed=args.seed, resume=args.resume, overrides=overrides)
     tta = f" with {run.config.trainer.val_tta} TTA" if run.config.trainer.val_tta != "none" else ""
     accuracy = f", held-out accuracy{tta} {100 * run.accuracy:.2f}%" if run.accuracy is not None else ""
-    print(f"run written to {run.run_dir} (last checkpoint: {run.last_checkpoint}{accuracy})")
+    if launched_as_rank_zero():  # the other training processes, if any, have nothing else to say
+        print(f"run written to {run.run_dir} (last checkpoint: {run.last_checkpoint}{accuracy})")
 
 
 def cmd_eval(args):

@@ -41,6 +41,12 @@ class TrainerConfig:
     # what validation scores and what checkpoints hold as the model; None = off
     checkpoint_every: str = "00:10:00"  # also write last.ckpt this often (HH:MM:SS) part-way through an epoch,
     # so a crash loses at most this much training; 00:00:00 = after every batch
+    accelerator: str = "auto"  # cpu, gpu or auto (a GPU when there is one)
+    devices: int | str = 1  # training processes per machine (one per GPU), or auto (every GPU); data.batch_size
+    # is per process, so the global batch is batch_size x devices x num_nodes
+    num_nodes: int = 1  # machines, each running `devices` processes
+    strategy: str = "auto"  # Lightning's strategy; auto = DDP when there is more than one process (gloo on
+    # CPU, NCCL on CUDA)
 
     def __post_init__(self):
         if self.max_time is not None:
@@ -52,6 +58,12 @@ class TrainerConfig:
             raise VitlabError(f"trainer.val_tta must be one of {', '.join(TTA_VIEWS)}, not '{self.val_tta}'")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise VitlabError(f"trainer.ema_decay must be between 0 and 1, not {self.ema_decay}")
+        if self.accelerator not in ("cpu", "gpu", "auto"):
+            raise VitlabError(f"trainer.accelerator must be cpu, gpu or auto, not '{self.accelerator}'")
+        if self.devices != "auto" and not (isinstance(self.devices, int) and self.devices >= 1):
+            raise VitlabError(f"trainer.devices must be a number of processes (1 or more) or auto, not {self.devices!r}")
+        if self.num_nodes < 1:
+            raise VitlabError(f"trainer.num_nodes must be 1 or more, not {self.num_nodes}")
 
 
 def parse_duration(text: str, what: str = "max_time") -> timedelta:

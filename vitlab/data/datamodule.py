@@ -140,31 +140,47 @@ class ImageTensorDataset(Dataset):
 
 
 class EpochBatches(Sampler[list[int]]):
-    """The batches of one epoch, as lists of indices: a permutation seeded by (seed, epoch) when
-    shuffling, so any epoch's order can be made again, which is what lets a run resume part-way
-    through an epoch without taking the batches it already took (`state_dict`, `load_state_dict`).
-    Training drops the last partial batch: every step sees a full batch (and, compiled, one shape)."""
+    """The batches one process takes in one epoch, as lists of indices.
 
-    def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int = 0):
+    Shuffled, the order is a permutation seeded by (seed, epoch), so any epoch's order can be made
+    again: that is what lets a run resume part-way through an epoch without taking the batches it
+    already took (`skip`), and what lets `world` processes share an epoch without talking: each
+    makes the same permutation, cut into full batches, and process `rank` takes every world-th
+    batch. Every image is then seen once per epoch across processes (but for the remainder that
+    does not fill a batch on every process), and every process takes the same number of batches, as
+    DDP's all-reduce needs. Training drops the last partial batch (every step sees a full batch, and
+    compiled, one shape), except in one process with fewer images than a batch. Unshuffled
+    (validation), batches are in order, every image once, the last one partial."""
+
+    def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1):
         self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
-        self.drop_last = shuffle and size > batch_size
+        self.rank, self.world = rank, world
         self.epoch = 0
         self.skip = 0  # batches of this epoch already taken before a resume
+        if shuffle and world > 1 and size < world * batch_size:
+            raise VitlabError(f"{size} training images do not fill one batch of {batch_size} on each of "
+                              f"{world} processes: lower data.batch_size or use fewer devices")
 
     def set_epoch(self, epoch: int):  # Lightning calls this at the start of every epoch
         self.epoch = epoch
 
+    def batches(self) -> list[torch.Tensor]:
+        """All processes' batches of this epoch, in order."""
+        if not self.shuffle:
+            return list(torch.arange(self.size).split(self.batch_size))
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        full = self.size // self.batch_size // self.world * self.world
+        return list(order[:full * self.batch_size].view(full, self.batch_size)) if full else [order]
+
     def __len__(self) -> int:
-        return self.size // self.batch_size if self.drop_last else -(-self.size // self.batch_size)
+        total = -(-self.size // self.batch_size) if not self.shuffle else self.size // self.batch_size // self.world * self.world
+        return len(range(self.rank, max(total, 1), self.world))
 
     def __iter__(self):
-        if self.shuffle:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-        else:
-            order = torch.arange(self.size)
+        mine = self.batches()[self.rank::self.world]
         start, self.skip = self.skip, 0
-        for i in range(start, len(self)):
-            yield order[i * self.batch_size:(i + 1) * self.batch_size].tolist()
+        for batch in mine[start:]:
+            yield batch.tolist()
 
 
 class ResumableLoader(DataLoader):
@@ -216,12 +232,19 @@ class ImageDataModule(L.LightningDataModule):
         transform = None
         if self.config.augment == "tutorial":
             transform = tutorial_transform(self.image_size, self.config.autoaugment)
-        batches = EpochBatches(len(self.train_set), self.config.batch_size, shuffle=True, seed=self.seed)
+        batches = EpochBatches(len(self.train_set), self.config.batch_size, shuffle=True, seed=self.seed,
+                               **self.shard())
         return ResumableLoader(ImageTensorDataset(self.train_set, transform), batches, self.config.num_workers)
 
     def val_dataloader(self) -> ResumableLoader:
-        batches = EpochBatches(len(self.val_set), self.config.batch_size, shuffle=False)
+        batches = EpochBatches(len(self.val_set), self.config.batch_size, shuffle=False, **self.shard())
         return ResumableLoader(ImageTensorDataset(self.val_set), batches)
+
+    def shard(self) -> dict:
+        """This process's share of the data: its rank among the training processes."""
+        if self.trainer is None:
+            return {"rank": 0, "world": 1}
+        return {"rank": self.trainer.global_rank, "world": self.trainer.world_size}
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch

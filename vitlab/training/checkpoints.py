@@ -92,10 +92,13 @@ class LastCheckpoint(L.Callback):
         self.saved_at = time.monotonic()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if self.stops.signum is not None:
+        stop, due = self.stops.signum, time.monotonic() - self.saved_at >= self.interval_s
+        if trainer.world_size > 1:  # every process saves together (saving waits for all): rank 0 decides
+            stop, due = trainer.strategy.broadcast((stop, due), src=0)
+        if stop is not None:
             self.save(trainer)
-            raise Interrupted(self.stops.signum, self.path)
-        if time.monotonic() - self.saved_at >= self.interval_s:
+            raise Interrupted(stop, self.path)
+        if due:
             self.save(trainer)
 
     def on_train_epoch_end(self, trainer, module):
@@ -124,7 +127,7 @@ class BestCheckpoint(L.Callback):
         self.best = float(score)
         if trainer.state.fn == "fit":
             trainer.save_checkpoint(self.path)
-        else:
+        elif trainer.is_global_zero:
             with open(self.last, "rb") as source, atomic_open(self.path, "checkpoint") as f:
                 shutil.copyfileobj(source, f)
 
@@ -138,7 +141,10 @@ class DivergenceGuard(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if not torch.isfinite(loss):
+        diverged = not torch.isfinite(loss)
+        if trainer.world_size > 1:  # all processes stop together, or the others would wait forever
+            diverged = trainer.strategy.reduce_boolean_decision(diverged, all=False)
+        if diverged:
             good = f"the last good checkpoint is {self.last}" if self.last.is_file() else "no checkpoint was written"
-            raise VitlabError(f"training diverged: the loss is {loss.item()} at step {trainer.global_step}; "
+            raise VitlabError(f"training diverged: the loss is not finite at step {trainer.global_step}; "
                               f"{good} (try a lower optim.lr or trainer.gradient_clip)")

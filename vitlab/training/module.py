@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Timer
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from vitlab.evaluation import tta_logits
@@ -73,6 +74,7 @@ class Classifier(L.LightningModule):
         self.optim = OptimConfig(**optim)
         self.val_tta = val_tta
         self.val_acc = MulticlassAccuracy(len(class_names), average="micro")
+        self.val_loss = MeanMetric()  # the mean over images, exact when summed across processes
         # The epoch's training loss and accuracy as running sums (loss x images, correct, images), kept
         # on the device (no host sync per step) and saved in checkpoints, so that an epoch resumed
         # part-way through reports the same numbers as one that ran straight through.
@@ -95,30 +97,47 @@ class Classifier(L.LightningModule):
         self.train_sums.zero_()
 
     def train_metrics(self) -> dict[str, float]:
-        """The epoch's mean training loss and accuracy so far."""
-        loss_sum, correct, count = self.train_sums.tolist()
+        """The epoch's mean training loss and accuracy so far, over all processes (every process
+        must ask at once)."""
+        sums = self.train_sums
+        if self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums.clone(), reduce_op="sum")
+        loss_sum, correct, count = sums.tolist()
         return {"train_loss": loss_sum / max(count, 1), "train_acc": correct / max(count, 1)}
 
+    def setup(self, stage: str):
+        # Every process starts from the same seed (the same initial weights); from here on each draws
+        # its own augmentations and dropout masks.
+        if stage == "fit" and self.trainer.world_size > 1:
+            torch.manual_seed(torch.initial_seed() + self.trainer.global_rank)
+
     def on_save_checkpoint(self, checkpoint: dict):
-        # With the random state saved, a resumed run draws the same augmentations and dropout masks
-        # as one that never stopped.
+        # With every process's random state saved, a resumed run draws the same augmentations and
+        # dropout masks as one that never stopped.
         checkpoint["train_sums"] = self.train_sums.cpu()
-        checkpoint["rng"] = {"torch": torch.get_rng_state(),
-                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        state = (torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+        states = [state]
+        if self.trainer.world_size > 1:
+            states = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(states, state)
+        checkpoint["rng"] = states
 
     def on_load_checkpoint(self, checkpoint: dict):
         if "train_sums" in checkpoint:
             self.train_sums.copy_(checkpoint["train_sums"])
-        if "rng" in checkpoint:
-            torch.set_rng_state(checkpoint["rng"]["torch"])
-            if checkpoint["rng"]["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        states = checkpoint.get("rng", [])
+        if len(states) == self.trainer.world_size:  # a run resumed on as many processes as it had
+            cpu, cuda = states[self.trainer.global_rank]
+            torch.set_rng_state(cpu)
+            if cuda is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state(cuda)
 
     def validation_step(self, batch, batch_idx):
         images, labels = batch
         logits = tta_logits(self.model, images, self.val_tta)
         self.val_acc(logits, labels)
-        self.log("val_loss", F.cross_entropy(logits, labels), on_epoch=True, prog_bar=True)
+        self.val_loss(F.cross_entropy(logits, labels, reduction="none"))
+        self.log("val_loss", self.val_loss, on_epoch=True, prog_bar=True)
         self.log("val_acc", self.val_acc, on_epoch=True, prog_bar=True)
 
     def training_progress(self, step: int) -> float:
@@ -136,6 +155,8 @@ class Classifier(L.LightningModule):
         if timer is not None and timer.time_remaining("train") is not None:
             elapsed = timer.time_elapsed("train")
             by_time = elapsed / max(1e-9, elapsed + timer.time_remaining("train"))
+            if self.trainer.world_size > 1:  # one clock for all processes, or their LRs would drift apart
+                by_time = self.trainer.strategy.broadcast(by_time, src=0)
         return min(1.0, max(by_steps, by_time))
 
     def configure_optimizers(self):

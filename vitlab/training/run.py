@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -63,6 +64,7 @@ class MetricsCSV(L.Callback):
         self.start = time.monotonic()
         self.elapsed_before = 0.0  # training time of the run before this process resumed it
         self.validated_step = -1
+        self.writes = True
         self.pending: dict | None = None  # the final epoch's row, until its validation
         self.written_step = max((int(r["step"]) for r in read_metric_rows(path.parent)), default=-1)
 
@@ -102,8 +104,11 @@ class MetricsCSV(L.Callback):
     def val_metrics(trainer: L.Trainer) -> dict:
         return {"val_loss": trainer.callback_metrics.get("val_loss"), "val_acc": trainer.callback_metrics.get("val_acc")}
 
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str):
+        self.writes = trainer.is_global_zero  # one writer, whatever the number of processes
+
     def write(self, row: dict):
-        if row["step"] <= self.written_step:
+        if row["step"] <= self.written_step or not self.writes:
             return
         new = not self.path.exists()
         try:
@@ -115,6 +120,13 @@ class MetricsCSV(L.Callback):
         except OSError as e:
             raise VitlabError(f"cannot write metrics {self.path}: {e.strerror or e} ({free_space(self.path)})") from None
         self.written_step = row["step"]
+
+
+def launched_as_rank_zero() -> bool:
+    """Whether this process is the first of its launch (or the only one), known before the Trainer
+    exists from the variables the launchers set: torchrun (RANK), Lightning's own launcher
+    (LOCAL_RANK, NODE_RANK), SLURM (SLURM_PROCID)."""
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
 def default_precision() -> str:
@@ -163,7 +175,11 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
     length); returns the path of its last checkpoint."""
     if config.trainer.max_epochs is None and config.trainer.max_time is None:
         raise VitlabError("training needs a limit: set --max-epochs or --max-time")
-    ckpt_path = prepare_run_dir(run_dir, resume)
+    # With several processes, the first one of the launch checks and writes the run directory; the
+    # others (started by Lightning, torchrun or SLURM with the same command) only read it.
+    writer = launched_as_rank_zero()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    ckpt_path = prepare_run_dir(run_dir, resume) if writer else (last if resume and last.is_file() else None)
     init_weights = None
     if config.model.init and ckpt_path is None:  # a resumed run's weights are in its checkpoint
         init_weights, source = read_init(config.model.init)
@@ -172,10 +188,11 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
 
     datamodule = ImageDataModule(config.data, config.model.image_size, seed=config.trainer.seed)
     datamodule.setup("fit")
-    if resume:
-        note_length_change(configs.load(run_dir / "config.yaml"), config)
-    # Only once the data has loaded, so a bad data set leaves no half-made run behind.
-    configs.save(config, run_dir / "config.yaml")
+    if writer:
+        if resume:
+            note_length_change(configs.load(run_dir / "config.yaml"), config)
+        # Only once the data has loaded, so a bad data set leaves no half-made run behind.
+        configs.save(config, run_dir / "config.yaml")
     model_config = dataclasses.replace(config.model, num_classes=len(datamodule.classes))
     module = Classifier(**Classifier.hparams_for(
         model_config, config.optim, datamodule.classes, datamodule.mean, datamodule.std,
@@ -190,7 +207,6 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
     if "bf16" in precision and not torch.cuda.is_available():
         print(f"warning: precision {precision} without a GPU is very slow on most CPUs; "
               f"trainer.precision=32-true trains in fp32", file=sys.stderr)
-    last = run_dir / "checkpoints" / "last.ckpt"
     metrics = MetricsCSV(run_dir / "metrics.csv")
     stops = StopRequests()
     callbacks = [
@@ -207,6 +223,11 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
         BestCheckpoint(run_dir / "checkpoints" / "best.ckpt", last, best_val_acc(run_dir) if resume else None),
     ]
     trainer = L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        use_distributed_sampler=False,  # the loaders shard by rank themselves (EpochBatches)
         default_root_dir=run_dir,
         max_epochs=-1 if t.max_epochs is None else t.max_epochs,
         max_time=None if t.max_time is None else configs.parse_duration(t.max_time),
