@@ -2,6 +2,7 @@
 each image once, a run stopped part-way through an epoch resumes without repeating or missing one,
 and bad inputs are one-line errors."""
 
+import csv
 import hashlib
 import io
 import json
@@ -278,3 +279,24 @@ def test_an_unreadable_image_stops_packing_unless_skipped(tmp_path, capsys):
     manifest = shards.pack_folder(root, tmp_path / "shards", 32, skip_bad_images=True)
     assert manifest.count == 6 and "skipped 1 unreadable images" in capsys.readouterr().err
     assert json.loads((tmp_path / "shards" / "vitlab.json").read_text())["count"] == 6
+
+
+def test_pack_then_train_eval_and_held_out_through_the_cli(tmp_path, capsys):
+    from tests.test_cli import TINY, run_cli
+
+    images = write_image_folder(tmp_path / "images", per_class=12)
+    code, out, _ = run_cli(capsys, "pack", f"folder:{images}", "--out", tmp_path / "packed")
+    assert code == 0 and "packed 36 images of 3 classes" in out
+    run_dir = tmp_path / "run"
+    code, out, _ = run_cli(capsys, "train", "--data", f"shards:{tmp_path / 'packed'}", "--run-dir", run_dir,
+                           "--max-epochs", "2", "--val-fraction", "0.25", *TINY, "data.batch_size=4")
+    assert code == 0 and "held-out accuracy" in out
+    with open(run_dir / "metrics.csv") as f:
+        last_row = list(csv.DictReader(f))[-1]
+    code, out, _ = run_cli(capsys, "eval", "--checkpoint", run_dir / "checkpoints" / "last.ckpt", "--data",
+                           f"shards:{tmp_path / 'packed'}", "--held-out", "--val-fraction", "0.25", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["n"] == 9
+    assert result["accuracy"] == pytest.approx(float(last_row["val_acc"]), abs=1e-6)
+    code, _, err = run_cli(capsys, "pack", f"shards:{tmp_path / 'packed'}", "--out", tmp_path / "again")
+    assert code == 1 and "is packed already" in err

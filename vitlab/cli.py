@@ -1,4 +1,4 @@
-"""The `vitlab` command: train, eval, predict, info, attention, plot, export, demo."""
+"""The `vitlab` command: train, eval, predict, info, attention, plot, export, demo, pack."""
 
 from __future__ import annotations
 
@@ -75,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--format", required=True, help="onnx or safetensors")
     p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("pack", help="write a source's images as LitData chunks, to train on with --data shards:DIR")
+    p.add_argument("source", help="cifar10, cifar100, fake or folder:PATH")
+    p.add_argument("--out", type=Path, required=True, help="a new or empty folder for the chunks and vitlab.json")
+    p.add_argument("--image-size", type=int, default=32, help="side of the stored images in pixels (default 32)")
+    p.add_argument("--split", choices=["train", "test"], default="train", help="which part of CIFAR to pack")
+    p.add_argument("--jpeg-quality", type=int, help="store re-encoded images as JPEG at this quality (1-95), not PNG")
+    p.add_argument("--workers", type=int, default=1, help="processes that encode images (default 1)")
+    add_data_options(p)
 
     p = sub.add_parser("demo", help="a local web page: drop an image, see the top classes and the attention")
     p.add_argument("--checkpoint", type=Path, required=True, help="a vitlab checkpoint or safetensors export")
@@ -216,6 +225,25 @@ def cmd_export(args):
     print(f"exported {args.checkpoint} as {args.format} to {args.out}")
 
 
+def cmd_pack(args):
+    from vitlab.data import shards
+    from vitlab.data.datamodule import DataConfig, load_cifar, parse_source
+    from vitlab.data.sources import make_fake
+
+    kind, path = parse_source(args.source)
+    if kind == "folder":
+        manifest = shards.pack_folder(path, args.out, args.image_size, args.jpeg_quality, bool(args.skip_bad_images),
+                                      args.workers)
+    elif kind == "shards":
+        raise VitlabError(f"{args.source} is packed already")
+    else:
+        config = DataConfig(source=kind, root=args.data_root or "data")
+        images = (make_fake(image_size=args.image_size) if kind == "fake"
+                  else load_cifar(kind, config, args.image_size, train=args.split == "train"))
+        manifest = shards.pack_image_set(images, args.out, f"{kind}-{args.split}", args.jpeg_quality, args.workers)
+    print(f"packed {manifest.count} images of {len(manifest.classes)} classes into {args.out}")
+
+
 def cmd_demo(args):
     from vitlab.demo import serve
 
@@ -223,7 +251,8 @@ def cmd_demo(args):
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "info": cmd_info,
-            "attention": cmd_attention, "plot": cmd_plot, "export": cmd_export, "demo": cmd_demo}
+            "attention": cmd_attention, "plot": cmd_plot, "export": cmd_export, "demo": cmd_demo,
+            "pack": cmd_pack}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,12 +21,12 @@ from vitlab.data.sources import (
 )
 from vitlab.errors import VitlabError
 
-SOURCES_HELP = "cifar10, cifar100, fake or folder:PATH"
+SOURCES_HELP = "cifar10, cifar100, fake, folder:PATH or shards:DIR_OR_URL"
 
 
 @dataclass
 class DataConfig:
-    source: str = "cifar10"  # cifar10 | cifar100 | fake | folder:PATH
+    source: str = "cifar10"  # cifar10 | cifar100 | fake | folder:PATH | shards:DIR_OR_URL (packed by `vitlab pack`)
     root: str = "data"  # where CIFAR is downloaded to
     cache_dir: str = "~/.cache/vitlab"  # decoded image folders are cached here
     val_fraction: float = 0.1  # held out of train unless a folder has a sibling val/ folder
@@ -37,6 +37,7 @@ class DataConfig:
     crop_padding: int = 4  # crop-flip translates images by up to this many pixels
     autoaugment: bool = False  # add AutoAugment(CIFAR10) to the `tutorial` augmentation
     skip_bad_images: bool = False  # skip unreadable images in folders instead of stopping
+    shard_cache_size: str = "25GB"  # the most of a remote shards: source kept in cache_dir at once
 
     def __post_init__(self):
         if self.augment not in AUGMENTATIONS:
@@ -48,12 +49,16 @@ class DataConfig:
         parse_source(self.source)
 
 
-def parse_source(source: str) -> tuple[str, Path | None]:
-    """'cifar10' -> ('cifar10', None); 'folder:PATH' -> ('folder', PATH)."""
+def parse_source(source: str) -> tuple[str, Path | str | None]:
+    """'cifar10' -> ('cifar10', None); 'folder:PATH' -> ('folder', PATH); 'shards:LOCATION' ->
+    ('shards', LOCATION), a folder or a bucket URL (kept as text: a Path would mangle s3://)."""
     if source in CIFAR or source == "fake":
         return source, None
     if source.startswith("folder:") and len(source) > len("folder:"):
         return "folder", Path(source[len("folder:"):]).expanduser()
+    if source.startswith("shards:") and len(source) > len("shards:"):
+        location = source[len("shards:"):]
+        return "shards", location if "://" in location or location.startswith("local:") else str(Path(location).expanduser())
     raise VitlabError(f"unknown data source '{source}' (expected {SOURCES_HELP})")
 
 
@@ -112,13 +117,26 @@ def load_eval_set(config: DataConfig, image_size: int, classes: list[str], held_
     """The images `vitlab eval` scores: with held_out, the validation part of the source exactly as
     training splits it (fake data has only that); else CIFAR's test split or every image of a folder."""
     kind, path = parse_source(config.source)
-    if held_out or kind == "fake":
+    if kind == "shards":  # streamed data, decoded into memory for scoring
+        from vitlab.data import shards
+
+        indices = None
+        if held_out:
+            count = shards.read_manifest(path).count
+            indices = shards.split_indices(count, config.val_fraction, config.split_seed)[1]
+        image_set = shards.load_shards(path, image_size, indices, cache_dir=shard_cache(config))
+    elif held_out or kind == "fake":
         image_set = load_train_val(config, image_size)[1]
     elif kind in CIFAR:
         image_set = load_cifar(kind, config, image_size, train=False)
     else:
         image_set = load_folder(path, config, image_size)
     return align_classes(image_set, classes, f"data folder {path}" if path else config.source)
+
+
+def shard_cache(config: DataConfig) -> Path:
+    """Where chunks of remote shards are cached (at most data.shard_cache_size of them)."""
+    return Path(config.cache_dir).expanduser() / "shards"
 
 
 class ImageTensorDataset(Dataset):
@@ -218,25 +236,50 @@ class ImageDataModule(L.LightningDataModule):
         self.image_size = image_size
         self.seed = seed
         self.train_set = self.val_set = None
+        self.manifest = None  # for shards: sources, which stream instead of living in memory
         self.mean = self.std = None
 
     def setup(self, stage: str | None = None):
-        if self.train_set is None:
+        if self.train_set is not None or self.manifest is not None:
+            return
+        kind, location = parse_source(self.config.source)
+        if kind == "shards":
+            from vitlab.data import shards
+
+            self.manifest = shards.read_manifest(location)
+            self.train_indices, self.val_indices = shards.split_indices(
+                self.manifest.count, self.config.val_fraction, self.config.split_seed)
+            self.mean, self.std = self.manifest.mean, self.manifest.std
+        else:
             self.train_set, self.val_set, self.mean, self.std = load_train_val(self.config, self.image_size)
 
     @property
     def classes(self) -> list[str]:
-        return self.train_set.classes
+        return self.manifest.classes if self.manifest is not None else self.train_set.classes
 
-    def train_dataloader(self) -> ResumableLoader:
+    def shard_loader(self, indices: list[int], train: bool, transform=None):
+        """A streaming loader over part of a pack: decoding (and per-sample augmentation) in the
+        loader's workers, split across ranks and workers by LitData, resumable mid-epoch."""
+        from vitlab.data import shards
+
+        dataset = shards.shard_dataset(parse_source(self.config.source)[1], self.image_size, indices, shuffle=train,
+                                       seed=self.seed, transform=transform, cache_dir=shard_cache(self.config),
+                                       max_cache_size=self.config.shard_cache_size)
+        return shards.shard_loader(dataset, self.config.batch_size, self.config.num_workers)
+
+    def train_dataloader(self):
         transform = None
         if self.config.augment == "tutorial":
             transform = tutorial_transform(self.image_size, self.config.autoaugment)
+        if self.manifest is not None:
+            return self.shard_loader(self.train_indices, train=True, transform=transform)
         batches = EpochBatches(len(self.train_set), self.config.batch_size, shuffle=True, seed=self.seed,
                                **self.shard())
         return ResumableLoader(ImageTensorDataset(self.train_set, transform), batches, self.config.num_workers)
 
-    def val_dataloader(self) -> ResumableLoader:
+    def val_dataloader(self):
+        if self.manifest is not None:
+            return self.shard_loader(self.val_indices, train=False)
         batches = EpochBatches(len(self.val_set), self.config.batch_size, shuffle=False, **self.shard())
         return ResumableLoader(ImageTensorDataset(self.val_set), batches)
 
