@@ -78,7 +78,7 @@ def main():
 
     for count in (2000, 8000):
         location = pack(work / f"pack-rss-{count}", count, 128)
-        results[f"streamed, 128 px, {count} images"] = train(work / f"rss-{count}", location, 128, 1, 2,
+        results[f"streamed, 128 px, {count} images"] = train(work / f"rss-{count}", location, 128, 2, 2,
                                                               ["data.num_workers=1"])
     for name, figures in results.items():
         print(f"{name:<48} {figures['images_per_s']:8.1f} images/s   peak RSS {figures['peak_rss_mib']:7.0f} MiB")
