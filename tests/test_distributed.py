@@ -5,9 +5,11 @@ timeout, so a hang fails the test instead of stalling CI."""
 import csv
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -125,3 +127,27 @@ def test_two_nodes_launched_by_torchrun(images, tmp_path):
     for node, (_, err) in zip(nodes, outputs):
         assert node.returncode == 0, err[-3000:]
     assert [r["step"] for r in rows(tmp_path / "run")] == ["4"]  # 36 images, 4 per node per step
+
+
+def test_slurm_time_limit_signal_saves_requeues_and_the_same_command_resumes(images, tmp_path):
+    bin_dir = tmp_path / "bin"  # a stand-in scontrol that records how it was called
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {**env(), "SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "vitlab.cli", "train", "--data", f"folder:{images}", "--run-dir", str(run_dir),
+            "--max-epochs", "3", "--val-fraction", "0.25", "--resume", f"data.cache_dir={tmp_path / 'cache'}",
+            *MODEL, "trainer.checkpoint_every=00:00:00"]
+    job = subprocess.Popen(argv, env=slurm, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (run_dir / "checkpoints" / "last.ckpt").exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)  # SLURM: the time limit is near
+    _, err = job.communicate(timeout=TIMEOUT_S)
+    assert job.returncode == 128 + signal.SIGUSR1, err[-3000:]
+    assert "requeued SLURM job 4242" in err
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    again = subprocess.run(argv, env=slurm, capture_output=True, text=True, timeout=TIMEOUT_S)  # the requeued job
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [r["epoch"] for r in rows(run_dir)] == ["0", "1", "2"]

@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -24,12 +26,26 @@ from vitlab.errors import VitlabError
 from vitlab.io import CHECKPOINT_FORMAT, atomic_open, read_checkpoint
 
 class Interrupted(VitlabError):
-    """Training stopped on SIGTERM/SIGINT after saving a checkpoint; the exit code says which signal."""
+    """Training stopped on a signal after saving a checkpoint; the exit code says which signal."""
 
-    def __init__(self, signum: int, checkpoint: Path):
+    def __init__(self, signum: int, checkpoint: Path, note: str = ""):
         self.exit_code = 128 + signum
-        super().__init__(f"stopped by {signal.Signals(signum).name}; saved {checkpoint}: "
+        super().__init__(f"stopped by {signal.Signals(signum).name}; saved {checkpoint}{note}: "
                          f"the same command with --resume continues from it")
+
+
+def requeue_slurm_job() -> str:
+    """Put this SLURM job back in the queue (as Lightning's auto-requeue does); what happened, for the message."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job is None:
+        return ""
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"; could not requeue SLURM job {job} ({e})"
+    if result.returncode != 0:
+        return f"; could not requeue SLURM job {job} ({result.stderr.strip() or result.returncode})"
+    return f"; requeued SLURM job {job}"
 
 
 def non_finite_tensors(state: dict) -> list[str]:
@@ -53,10 +69,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class StopRequests:
-    """SIGTERM and SIGINT, while installed, only note that training should stop (a second SIGINT
-    interrupts at once), so that the stop can happen between two batches with a checkpoint."""
+    """SIGTERM, SIGINT and SIGUSR1, while installed, only note that training should stop (a second
+    SIGINT interrupts at once), so that the stop can happen between two batches with a checkpoint.
+    SIGUSR1 is SLURM's warning before a time limit (`#SBATCH --signal=SIGUSR1@90`): the job is then
+    also requeued. Installed before the Trainer, these replace Lightning's own SIGUSR1 handling,
+    which saves from inside the signal handler, part-way through a step, to a file --resume does not read."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
     def __init__(self):
         self.signum: int | None = None
@@ -97,7 +116,8 @@ class LastCheckpoint(L.Callback):
             stop, due = trainer.strategy.broadcast((stop, due), src=0)
         if stop is not None:
             self.save(trainer)
-            raise Interrupted(stop, self.path)
+            requeued = requeue_slurm_job() if stop == signal.SIGUSR1 and trainer.is_global_zero else ""
+            raise Interrupted(stop, self.path, requeued)
         if due:
             self.save(trainer)
 
