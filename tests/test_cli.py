@@ -308,3 +308,15 @@ def test_last_checkpoint_and_last_row_are_the_final_weights(tmp_path, capsys):
 def test_bad_val_every_n_epochs_is_a_one_line_error(image_folder, capsys):
     code, _, err = run_cli(capsys, "train", "--data", f"folder:{image_folder}", *TINY, "trainer.val_every_n_epochs=0")
     assert code == 1 and "trainer.val_every_n_epochs" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("size, tokenizer", [(64, "patch"), (96, "conv"), (128, "patch")])
+def test_larger_images_train_with_the_token_grid_following(tmp_path, capsys, size, tokenizer):
+    images = write_image_folder(tmp_path / "images", per_class=6, size=160)  # resized to model.image_size
+    run_dir = tmp_path / "run"
+    code, _, _ = run_cli(capsys, "train", "--data", f"folder:{images}", "--run-dir", run_dir, "--max-epochs", "1",
+                         *TINY, "data.batch_size=4", f"model.image_size={size}", "model.patch_size=16",
+                         f"model.tokenizer={tokenizer}", "model.conv_channels=8")
+    assert code == 0
+    model = load_model(run_dir / "checkpoints" / "last.ckpt")
+    assert model.pos_embed.shape[1] == 1 + (size // 16) ** 2

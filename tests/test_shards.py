@@ -300,3 +300,13 @@ def test_pack_then_train_eval_and_held_out_through_the_cli(tmp_path, capsys):
     assert result["accuracy"] == pytest.approx(float(last_row["val_acc"]), abs=1e-6)
     code, _, err = run_cli(capsys, "pack", f"shards:{tmp_path / 'packed'}", "--out", tmp_path / "again")
     assert code == 1 and "is packed already" in err
+
+
+def test_larger_images_stream_at_128_pixels(tmp_path, capsys):
+    from tests.test_cli import TINY, run_cli
+
+    images = write_image_folder(tmp_path / "images", per_class=6, size=128)
+    assert run_cli(capsys, "pack", f"folder:{images}", "--out", tmp_path / "packed", "--image-size", "128")[0] == 0
+    code, _, _ = run_cli(capsys, "train", "--data", f"shards:{tmp_path / 'packed'}", "--run-dir", tmp_path / "run",
+                         "--max-epochs", "1", *TINY, "data.batch_size=4", "model.image_size=128", "model.patch_size=16")
+    assert code == 0
