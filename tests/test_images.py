@@ -184,25 +184,24 @@ def fail_to_decode(*args):
     raise AssertionError("decoded again despite the cache")
 
 
-def decode_while_the_other_writes(root: Path, cache: Path, barrier):
-    """In a child process: decode root, holding the cache write until the other child has written
-    too, so that both write the same cache at the same moment."""
-    save = torch.save
+def decode_and_note(root: Path, cache: Path, notes: Path):
+    """In a child process: load root through the cache, noting in `notes` each time it is decoded."""
+    decode = sources.decode_folder
 
-    def save_then_wait(obj, f):
-        save(obj, f)
-        barrier.wait(timeout=30)
+    def decode_noted(*args):
+        with open(notes, "a") as f:
+            f.write("decoded\n")
+        return decode(*args)
 
-    torch.save = save_then_wait
+    sources.decode_folder = decode_noted
     load_image_folder(root, 16, cache)
 
 
 def test_two_processes_decoding_one_folder_at_once_leave_one_valid_cache(tmp_path, monkeypatch):
     root = write_image_folder(tmp_path / "imgs", per_class=2)
-    cache = tmp_path / "cache"
+    cache, notes = tmp_path / "cache", tmp_path / "notes"
     spawn = multiprocessing.get_context("spawn")
-    barrier = spawn.Barrier(2)
-    children = [spawn.Process(target=decode_while_the_other_writes, args=(root, cache, barrier)) for _ in range(2)]
+    children = [spawn.Process(target=decode_and_note, args=(root, cache, notes)) for _ in range(2)]
     for child in children:
         child.start()
     for child in children:
@@ -211,8 +210,9 @@ def test_two_processes_decoding_one_folder_at_once_leave_one_valid_cache(tmp_pat
     for child in hung:
         child.kill()
     assert not hung and [child.exitcode for child in children] == [0, 0]
-    [cache_file] = cache.iterdir()  # no temporary file left behind
-    assert cache_file.suffix == ".pt"
+    assert notes.read_text().splitlines() == ["decoded"]  # one decoded, the other waited and read the cache
+    [cache_file] = cache.glob("*.pt")
+    assert not list(cache.glob("*.tmp"))  # no temporary file left behind
     monkeypatch.setattr(sources, "read_image", fail_to_decode)
     assert len(load_image_folder(root, 16, cache)) == 6
 
@@ -223,7 +223,7 @@ def test_damaged_decode_cache_is_noted_and_replaced(tmp_path, capsys, monkeypatc
     root = write_image_folder(tmp_path / "imgs", per_class=2)
     cache = tmp_path / "cache"
     fresh = load_image_folder(root, 16, cache)
-    [cache_file] = cache.iterdir()
+    [cache_file] = cache.glob("*.pt")
     whole = cache_file.read_bytes()
     images, paths = fresh.images, fresh.paths
     replacement = {

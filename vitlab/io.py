@@ -15,6 +15,7 @@ exactly what is wrong with a file that is not a checkpoint vitlab can read.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import pickle
 import shutil
@@ -73,6 +74,22 @@ def atomic_write(path: Path | str, data: bytes | str | Callable[[BinaryIO], None
             data(f)
         else:
             f.write(data.encode() if isinstance(data, str) else data)
+
+
+@contextlib.contextmanager
+def made_by_one(path: Path, what: str = "file") -> Iterator[None]:
+    """Hold an exclusive lock (a `.lock` file beside `path`) while making `path`: processes that
+    need the same file at once (DDP ranks, two runs on one new folder) make it once; the others
+    wait, then find it made."""
+    lock = path.with_name(path.name + ".lock")
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock, "a")
+    except OSError as e:
+        raise VitlabError(f"cannot lock {what} {path}: {e.strerror or e}") from None
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 def sync_directory(directory: Path):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from vitlab.errors import VitlabError
-from vitlab.io import atomic_write
+from vitlab.io import atomic_write, made_by_one
 from vitlab.progress import progress
 
 
@@ -110,34 +110,38 @@ def md5sum(path: Path) -> str:
 
 
 def download_cifar(name: str, root: Path) -> Path:
-    """Download and unpack CIFAR into root (once); return the folder holding its batches."""
+    """Download and unpack CIFAR into root (once, by one process at a time); return the folder
+    holding its batches."""
     spec = CIFAR[name]
     folder = root / spec.folder
     if (folder / spec.meta_file).exists():
         return folder
-    root.mkdir(parents=True, exist_ok=True)
     archive = root / Path(spec.url).name
-    if not archive.exists():
-        print(f"downloading {spec.url} to {archive}", file=sys.stderr)
-
-        def fetch(out):
-            try:
-                with urllib.request.urlopen(spec.url, timeout=60) as response:
-                    while chunk := response.read(1 << 20):
-                        out.write(chunk)
-            except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as e:
-                raise VitlabError(
-                    f"could not download {name} from {spec.url} ({e}); with no network, put a copy of "
-                    f"{archive.name} or its unpacked {spec.folder}/ in {root} (the data root, --data-root), "
-                    f"or use --data folder:PATH for images on disk"
-                ) from None
-
-        atomic_write(archive, fetch, "download")  # a cut-off download never looks like an archive
-    if md5sum(archive) != spec.md5:
-        raise VitlabError(f"{archive} is corrupt (MD5 checksum does not match); delete it and run again")
-    with tarfile.open(archive, "r:gz") as tar:
-        tar.extractall(root, filter="data")
+    with made_by_one(archive, "download"):
+        if (folder / spec.meta_file).exists():  # another process made it while this one waited
+            return folder
+        if not archive.exists():
+            print(f"downloading {spec.url} to {archive}", file=sys.stderr)
+            atomic_write(archive, lambda out: fetch(name, spec, out, archive, root), "download")
+        if md5sum(archive) != spec.md5:
+            raise VitlabError(f"{archive} is corrupt (MD5 checksum does not match); delete it and run again")
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(root, filter="data")
     return folder
+
+
+def fetch(name: str, spec: CifarSpec, out, archive: Path, root: Path):
+    """Write spec.url's bytes to `out`; a network failure says how to do without one."""
+    try:
+        with urllib.request.urlopen(spec.url, timeout=60) as response:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+    except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as e:
+        raise VitlabError(
+            f"could not download {name} from {spec.url} ({e}); with no network, put a copy of "
+            f"{archive.name} or its unpacked {spec.folder}/ in {root} (the data root, --data-root), "
+            f"or use --data folder:PATH for images on disk"
+        ) from None
 
 
 def read_cifar_batches(folder: Path, spec: CifarSpec, files: tuple[str, ...]) -> ImageSet:
@@ -223,11 +227,12 @@ def load_image_folder(root: Path, image_size: int, cache_dir: Path, skip_bad_ima
         key.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
     cache_file = cache_dir / f"folder-{key.hexdigest()[:20]}.pt"
     label_of = {str(path): label for path, label in samples}
-    decoded = read_cache(cache_file, label_of, image_size, skip_bad_images) if cache_file.exists() else None
-    if decoded is None:
-        print(f"decoding {len(samples)} images in {root} (cached for later runs in {cache_dir})", file=sys.stderr)
-        decoded = decode_folder(root, samples, image_size, skip_bad_images)
-        atomic_write(cache_file, lambda f: torch.save(decoded, f), "decode cache")
+    with made_by_one(cache_file, "decode cache"):
+        decoded = read_cache(cache_file, label_of, image_size, skip_bad_images) if cache_file.exists() else None
+        if decoded is None:
+            print(f"decoding {len(samples)} images in {root} (cached for later runs in {cache_dir})", file=sys.stderr)
+            decoded = decode_folder(root, samples, image_size, skip_bad_images)
+            atomic_write(cache_file, lambda f: torch.save(decoded, f), "decode cache")
     paths = decoded["paths"]
     return ImageSet(decoded["images"], torch.tensor([label_of[p] for p in paths]), classes, paths)
 
