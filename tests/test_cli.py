@@ -259,7 +259,7 @@ def test_tta_validation_is_what_eval_tta_scores(tmp_path, capsys, views):
         scores[tta] = json.loads(out)
     assert scores[views]["accuracy"] == pytest.approx(float(last_val["val_acc"]), abs=1e-6)
     assert scores[views]["loss"] == pytest.approx(float(last_val["val_loss"]), abs=1e-4)
-    assert scores["none"]["loss"] != pytest.approx(scores[views]["loss"], abs=1e-4)  # the other views did count
+    assert scores["none"]["loss"] != pytest.approx(scores[views]["loss"], abs=1e-7)  # the other views did count
 
 
 def test_ema_run_validates_and_saves_the_averaged_weights(tmp_path, capsys):

@@ -300,6 +300,12 @@ def test_pack_then_train_eval_and_held_out_through_the_cli(tmp_path, capsys):
     assert result["accuracy"] == pytest.approx(float(last_row["val_acc"]), abs=1e-6)
     code, _, err = run_cli(capsys, "pack", f"shards:{tmp_path / 'packed'}", "--out", tmp_path / "again")
     assert code == 1 and "is packed already" in err
+    # predict streams a pack too, naming each item as it was packed.
+    code, out, _ = run_cli(capsys, "predict", "--checkpoint", run_dir / "checkpoints" / "last.ckpt", "--json",
+                           f"shards:{tmp_path / 'packed'}", images / "red" / "0.png")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and len(lines) == 37 and lines[-1]["path"] == str(images / "red" / "0.png")
+    assert {line["path"] for line in lines[:-1]} == {f"{c}/{i}.png" for c in CLASS_COLOURS for i in range(12)}
 
 
 def test_larger_images_stream_at_128_pixels(tmp_path, capsys):

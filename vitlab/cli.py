@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import warnings
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--onnx", type=Path, help="an ONNX export, run with onnxruntime")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print one JSON line per image")
-    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files, folders, or shards:DIR_OR_URL packs")
 
     p = sub.add_parser("attention", help="attention rollout and per-layer attention over images")
     p.add_argument("--checkpoint", type=Path, required=True)
@@ -172,12 +173,17 @@ def write_report(out_dir: Path, result: dict, logits, image_set, classes: list[s
 
 
 def cmd_predict(args):
-    from vitlab.inference import OnnxModel, expand_image_paths, load_model, predict
+    from vitlab.data.datamodule import parse_source
+    from vitlab.inference import OnnxModel, expand_image_paths, load_model, predict, predict_shards
 
     if args.top_k < 1:
         raise VitlabError(f"--top-k must be at least 1, not {args.top_k}")
     model = OnnxModel(args.onnx) if args.onnx else load_model(args.checkpoint)
-    for result in predict(model, expand_image_paths(args.images), args.top_k):
+    packs = [parse_source(a)[1] for a in args.images if a.startswith("shards:")]
+    files = [a for a in args.images if not a.startswith("shards:")]
+    results = itertools.chain(*(predict_shards(model, pack, args.top_k) for pack in packs),
+                              predict(model, expand_image_paths(files), args.top_k) if files else ())
+    for result in results:
         if args.json:
             print(json.dumps(result), flush=True)
         else:

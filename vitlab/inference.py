@@ -100,12 +100,23 @@ def predict(model: ViT | OnnxModel, paths: list[Path], top_k: int = 5, batch_siz
 
     A generator: each batch is read, predicted and yielded before the next is read, so results
     arrive as they are done and memory does not grow with the number of images."""
-    top_k = min(top_k, len(model.class_names))
     files = iter(progress(paths, len(paths), "predicting"))
     while chunk := list(itertools.islice(files, batch_size)):
         images = torch.stack([read_image(p, model.config.image_size) for p in chunk])
-        probs = predict_logits(model, images).softmax(dim=-1)
-        values, indices = probs.topk(top_k, dim=-1)
-        for path, v, i in zip(chunk, values.tolist(), indices.tolist()):
-            top = [{"class": model.class_names[c], "probability": round(p, 6)} for p, c in zip(v, i)]
-            yield {"path": str(path), "top": top}
+        yield from top_classes(model, images, [str(p) for p in chunk], top_k)
+
+
+def predict_shards(model: ViT | OnnxModel, location: str, top_k: int = 5, batch_size: int = 256) -> Iterator[dict]:
+    """`predict` for every image of a pack (`vitlab pack`), streamed; 'path' is the item's name."""
+    from vitlab.data import shards
+
+    loader = shards.shard_loader(shards.shard_dataset(location, model.config.image_size, names=True), batch_size)
+    for images, _, names in progress(loader, len(loader), "predicting"):
+        yield from top_classes(model, images, names, top_k)
+
+
+def top_classes(model: ViT | OnnxModel, images: torch.Tensor, names: list[str], top_k: int) -> Iterator[dict]:
+    probs = predict_logits(model, images).softmax(dim=-1)
+    values, indices = probs.topk(min(top_k, len(model.class_names)), dim=-1)
+    for name, v, i in zip(names, values.tolist(), indices.tolist()):
+        yield {"path": name, "top": [{"class": model.class_names[c], "probability": round(p, 6)} for p, c in zip(v, i)]}
