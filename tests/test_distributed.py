@@ -151,3 +151,18 @@ def test_slurm_time_limit_signal_saves_requeues_and_the_same_command_resumes(ima
     again = subprocess.run(argv, env=slurm, capture_output=True, text=True, timeout=TIMEOUT_S)  # the requeued job
     assert again.returncode == 0, again.stderr[-3000:]
     assert [r["epoch"] for r in rows(run_dir)] == ["0", "1", "2"]
+
+
+def test_two_nodes_launched_by_lightning_from_the_environment(images, tmp_path):
+    port = str(free_port())
+    argv = [sys.executable, "-m", "vitlab.cli", "train", "--data", f"folder:{images}", "--run-dir",
+            str(tmp_path / "run"), "--max-epochs", "1", "--val-fraction", "0.25", "--accelerator", "cpu",
+            "--num-nodes", "2", f"data.cache_dir={tmp_path / 'cache'}", *MODEL]
+    nodes = [subprocess.Popen(argv, env={**env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                                         "NODE_RANK": str(rank), "WORLD_SIZE": "2"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=TIMEOUT_S) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs):
+        assert node.returncode == 0, err[-3000:]
+    assert [r["step"] for r in rows(tmp_path / "run")] == ["4"]
