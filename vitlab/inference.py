@@ -12,7 +12,7 @@ from vitlab.data.sources import is_image_file, read_image
 from vitlab.errors import VitlabError
 from vitlab.evaluation import predict_logits
 from vitlab.export import read_metadata
-from vitlab.io import read_checkpoint
+from vitlab.io import read_checkpoint, read_safetensors
 from vitlab.model import ViT, ViTConfig
 from vitlab.progress import progress
 
@@ -28,14 +28,7 @@ def build_model(path: Path, config: dict, state: dict, class_names, image_mean, 
 
 
 def load_safetensors(path: Path) -> ViT:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise VitlabError(f"{path} is not a safetensors file ({e})") from None
+    state, meta = read_safetensors(path)
     values = read_metadata(meta, path)
     return build_model(path, values["config"], state, values["class_names"], values["image_mean"],
                        values["image_std"])

@@ -128,3 +128,14 @@ def read_checkpoint(path: Path) -> dict:
                           f"checkpoint format {found}; this vitlab reads up to {CHECKPOINT_FORMAT}): "
                           f"upgrade vitlab")
     return checkpoint
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file (whose loading runs no code), or a one-line error."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise VitlabError(f"{path} is not a safetensors file ({e})") from None

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from vitlab.errors import VitlabError
-from vitlab.io import read_checkpoint
+from vitlab.inference import load_model
+from vitlab.io import read_safetensors
 from vitlab.model import ViT, ViTConfig
 
 HEAD = ("head.weight", "head.bias")
@@ -33,23 +34,12 @@ def read_init(spec: str) -> tuple[dict[str, torch.Tensor], ViTConfig | None]:
     if not path.is_file():
         raise VitlabError(f"model.init: {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                state = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError) as e:
-            raise VitlabError(f"model.init: {path} is not a safetensors file ({e})") from None
-        if "vitlab.config" in meta:
-            from vitlab.export import read_metadata
-
-            return state, ViTConfig(**read_metadata(meta, path)["config"])
-        return state, None
-    if path.suffix == ".ckpt":
-        checkpoint = read_checkpoint(path)
-        state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-        return state, ViTConfig(**checkpoint["hyper_parameters"]["model"])
+        state, meta = read_safetensors(path)
+        if "vitlab.config" not in meta:  # a bare state dict (timm's, say)
+            return state, None
+    if path.suffix in (".ckpt", ".safetensors"):  # vitlab's: weights and the config they fit
+        model = load_model(path)
+        return model.state_dict(), model.config
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # torch raises many kinds for files that are not state dicts
