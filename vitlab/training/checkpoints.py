@@ -111,18 +111,28 @@ class LastCheckpoint(L.Callback):
         self.saved_at = time.monotonic()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if batch_idx + 1 >= trainer.num_training_batches:
+            # The epoch's last batch: its checkpoint comes at the epoch's end, after validation and the
+            # metrics row (Lightning resumed from here would skip the epoch's end).
+            return
         stop, due = self.stops.signum, time.monotonic() - self.saved_at >= self.interval_s
         if trainer.world_size > 1:  # every process saves together (saving waits for all): rank 0 decides
             stop, due = trainer.strategy.broadcast((stop, due), src=0)
-        if stop is not None:
+        if due or stop is not None:
             self.save(trainer)
-            requeued = requeue_slurm_job() if stop == signal.SIGUSR1 and trainer.is_global_zero else ""
-            raise Interrupted(stop, self.path, requeued)
-        if due:
-            self.save(trainer)
+        self.stop_if_asked(trainer, stop)
 
     def on_train_epoch_end(self, trainer, module):
         self.save(trainer)
+        stop = self.stops.signum
+        if trainer.world_size > 1:
+            stop = trainer.strategy.broadcast(stop, src=0)
+        self.stop_if_asked(trainer, stop)
+
+    def stop_if_asked(self, trainer, stop: int | None):
+        if stop is not None:
+            requeued = requeue_slurm_job() if stop == signal.SIGUSR1 and trainer.is_global_zero else ""
+            raise Interrupted(stop, self.path, requeued)
 
     def on_exception(self, trainer, module, exception):
         # Lightning's own SIGTERM handling can stop the loop between our hook and the next batch.
