@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vitlab.data import sources
-from vitlab.data.augment import normalize, random_crop_flip
+from vitlab.data.augment import flip_translate, normalize, random_crop_flip, tutorial_transform
 from vitlab.data.datamodule import DataConfig, ImageDataModule, load_eval_set, load_train_val, parse_source
 from vitlab.data.sources import CIFAR, download_cifar, load_image_folder, read_image
 from vitlab.errors import VitlabError
@@ -292,3 +292,41 @@ def test_tutorial_augmentation_runs_per_sample(tmp_path):
     dm.setup("fit")
     images, _ = next(iter(dm.train_dataloader()))
     assert not set(images[:, 2].unique().tolist()) <= {0, 200}
+
+
+def test_flip_translate_moves_rows_down_and_columns_right():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    views = [(False, 1, 0), (False, 0, 1), (True, -2, 1), (True, 0, 0), (False, 2, -2), (True, 1, 2)]
+    flip, dy, dx = torch.tensor(views).T
+    out = flip_translate(images, flip.bool(), dy, dx)
+    assert out.dtype == torch.uint8
+    candidates = crop_flip_candidates(images, pad=2)
+    expected = torch.stack([candidates[view][i] for i, view in enumerate(views)])
+    assert torch.equal(out.float(), expected)
+
+
+def test_crop_flip_translates_by_up_to_4_pixels_by_default():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 12, 12), dtype=torch.uint8)
+    found = identify_crop_flip(random_crop_flip(images), images, pad=4)
+    assert max(max(abs(dy), abs(dx)) for _, dy, dx in found) == 4
+
+
+def test_crop_flip_draws_on_the_images_device():
+    # The meta device stands in for an accelerator: an index or draw made on the CPU would not mix with it.
+    images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8, device="meta")
+    out = random_crop_flip(images)
+    assert out.device == images.device and out.shape == images.shape and out.dtype == torch.uint8
+
+
+def test_tutorial_transform_crops_at_least_80_percent_and_rotates_up_to_30_degrees():
+    torch.manual_seed(0)
+    transform = tutorial_transform(32, autoaugment=False)
+    image = torch.from_numpy(ramp_image()).permute(2, 0, 1)
+    determinant, angle, scale = map(np.array, zip(*(geometry_of(transform(image)) for _ in range(200))))
+    # A crop of 0.8 to 1 of the area at aspect 0.9 to 1.1 keeps at least 27 of 32 rows
+    # (sqrt(0.8 / 1.1) x 32, rounded), and is mostly smaller than the image.
+    assert scale.min() > 0.84 and (scale > 0.99).mean() < 0.3
+    assert np.abs(angle).max() < 30.5 and np.abs(angle).max() > 28
+    assert 0.35 < (determinant < 0).mean() < 0.65

@@ -205,3 +205,117 @@ def test_dropout_has_nn_dropout_statistics_and_gradient():
     assert not torch.equal(drop(x), y)  # a new mask every call
     assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
     assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+
+
+def timm_vit(**options) -> nn.Module:
+    """A small timm VisionTransformer, options over the defaults of these tests."""
+    return timm.models.vision_transformer.VisionTransformer(
+        **{"img_size": 32, "patch_size": 4, "num_classes": 10, "embed_dim": 64, "depth": 1, "num_heads": 4,
+           **options})
+
+
+def test_from_timm_names_what_it_cannot_map():
+    refused = {
+        "global_pool must be 'token'": {"global_pool": "avg"},
+        "needs a class token": {"reg_tokens": 1},
+        "position embedding must include the class token": {"no_embed_class": True},
+        "pre-norm, fc-norm, qk-norm and layer scale are not supported": {"init_values": 1e-5},
+        "unmapped parameters blocks.0.attn.qkv.bias, blocks.1.attn.qkv.bias": {"qkv_bias": False, "depth": 2},
+    }
+    for reason, options in refused.items():
+        with pytest.raises(VitlabError, match=f"^cannot convert this timm model: {reason}$"):
+            ViT.from_timm(timm_vit(**options))
+    # A model from a timm that predates register tokens and no_embed_class converts as before.
+    older = timm_vit()
+    del older.num_reg_tokens, older.no_embed_class
+    assert ViT.from_timm(older).config == ViTConfig(dim=64, depth=1, heads=4)
+
+
+def test_from_timm_reads_every_size_from_the_model():
+    torch.manual_seed(0)
+    reference = timm_vit(img_size=16, patch_size=8, in_chans=1, num_classes=5, embed_dim=32, num_heads=2,
+                         mlp_ratio=2.0).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.normal_(0, 0.1)
+    model = ViT.from_timm(reference).eval()
+    assert model.config == ViTConfig(image_size=16, patch_size=8, in_channels=1, num_classes=5, dim=32, depth=1,
+                                     heads=2, mlp_ratio=2.0)
+    x = torch.randn(2, 1, 16, 16)
+    torch.testing.assert_close(model(x), reference(x), atol=1e-4, rtol=1e-4)
+
+
+def test_layer_norms_have_timms_epsilon():
+    eps = {m.eps for m in ViT(TINY).modules() if isinstance(m, nn.LayerNorm)}
+    assert eps == {m.eps for m in timm_vit().modules() if isinstance(m, nn.LayerNorm)} == {1e-6}
+
+
+def test_fresh_model_is_initialised_small_and_knows_no_classes_yet():
+    torch.manual_seed(0)
+    model = ViT(TINY)
+    assert model.class_names is None and model.image_mean is None and model.image_std is None
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and name != "head":
+            assert 0.017 < module.weight.std().item() < 0.023, name
+            assert module.bias.eq(0).all(), name
+    assert 0.017 < model.pos_embed.std().item() < 0.023
+    assert 0.01 < model.cls_token.std().item() < 0.03  # 64 values
+    assert model.head.weight.eq(0).all()
+
+
+def test_parameter_count():
+    d, h, n = 64, 256, 64  # width, MLP width, patches
+    per_block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * h + h) + (h * d + d)
+    expected = (48 * d + d) + d + (n + 1) * d + 2 * per_block + 2 * d + (d * 10 + 10)
+    assert ViT(TINY).num_parameters() == expected
+
+
+CONV = ViTConfig(tokenizer="conv", patch_size=8, conv_channels=16, dim=64, depth=1, heads=4, pool="attention")
+
+
+def test_conv_tokenizer_doubles_its_width_per_stage_and_halves_the_image():
+    model = ViT(CONV)
+    assert model.patch_embed(torch.randn(3, 3, 32, 32)).shape == (3, 16, 64)  # a 4 x 4 grid of tokens
+    convs = [m for m in model.patch_embed.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(3, 16), (16, 32), (32, 64)]
+    assert all(c.kernel_size == (3, 3) and c.padding == (1, 1) and c.bias is None for c in convs)  # BatchNorm follows
+    pools = [m for m in model.patch_embed.modules() if isinstance(m, nn.MaxPool2d)]
+    assert [p.kernel_size for p in pools] == [2, 2, 2]
+
+
+def test_attention_pooling_feeds_the_head():
+    torch.manual_seed(0)
+    model = ViT(CONV).eval()
+    with torch.no_grad():
+        model.head.weight.normal_(0, 1)  # the fresh head is zero: every input would give the same logits
+    x = torch.randn(3, 3, 32, 32)
+    tokens = model.forward_features(x)
+    torch.testing.assert_close(model(x), model.head(model.pool(tokens)))
+    assert not torch.allclose(model(x), model.head(tokens[:, 0]), atol=1e-3)
+
+
+def test_dropout_rate_is_exact_to_one_in_65536():
+    torch.manual_seed(0)
+    x = torch.ones(2**23)
+    zeros = (Dropout(1 / 65536).train()(x) == 0).sum().item()
+    assert 90 < zeros < 170  # 128 expected
+    y = Dropout(0.75).train()(x[:1000])
+    assert set(y.unique().tolist()) == {0.0, 4.0}
+
+
+def test_dropout_is_nn_dropout_when_compiled_and_its_own_on_the_cpu(monkeypatch):
+    x = torch.ones(64, 64)
+
+    def masks(module):
+        torch.manual_seed(0)
+        return module.train()(x)
+
+    ours, torchs = masks(Dropout(0.3)), masks(nn.Dropout(0.3))
+    assert not torch.equal(ours, torchs)  # the cheap mask on the CPU
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert torch.equal(masks(Dropout(0.3)), torchs)  # under torch.compile, which fuses nn.Dropout's own
+
+
+def test_flops_are_counted_on_the_models_device():
+    model = ViT(TINY)
+    assert ViT(TINY).to("meta").flops_per_image() == model.flops_per_image()  # counted without allocating it

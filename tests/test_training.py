@@ -1,10 +1,21 @@
+import dataclasses
+import math
+import re
+from types import SimpleNamespace
+
+import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Timer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from vitlab import ViT, ViTConfig
 from vitlab import config as configs
 from vitlab.errors import VitlabError
-from vitlab.training.module import param_groups, warmup_cosine
+from vitlab.evaluation import tta_logits
+from vitlab.training.module import Classifier, OptimConfig, param_groups, warmup_cosine
 
 
 def test_decay_rule_spares_biases_norms_and_embeddings():
@@ -84,3 +95,425 @@ def test_decay_rule_spares_batchnorm_of_the_conv_tokenizer():
     decayed = {names[id(p)] for p in decay["params"]}
     assert "patch_embed.layers.0.weight" in decayed and "pool.score.weight" in decayed
     assert "patch_embed.layers.2.weight" not in decayed  # BatchNorm scale
+
+
+MICRO = ViTConfig(image_size=8, patch_size=4, num_classes=3, dim=8, depth=1, heads=2)
+
+
+def micro_classifier(model: ViTConfig = MICRO, val_tta: str = "none", **optim) -> Classifier:
+    return Classifier(**Classifier.hparams_for(model, OptimConfig(**optim), ["a", "b", "c"], [0.5, 0.4, 0.3],
+                                               [0.2, 0.25, 0.3], val_tta))
+
+
+def test_classifier_is_rebuilt_from_the_hyperparameters_it_saves():
+    optim = OptimConfig(lr=0.01, label_smoothing=0.1)
+    hparams = Classifier.hparams_for(MICRO, optim, ("a", "b", "c"), (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), val_tta="flip")
+    assert hparams == {"model": dataclasses.asdict(MICRO), "optim": dataclasses.asdict(optim),
+                       "class_names": ["a", "b", "c"], "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3],
+                       "val_tta": "flip"}
+    assert Classifier.hparams_for(MICRO, optim, ["a"], [0.5], [0.2])["val_tta"] == "none"
+    classifier = Classifier(**hparams)
+    assert classifier.optim == optim and classifier.val_tta == "flip"
+    model = classifier.model
+    assert model.config == MICRO and model.class_names == ["a", "b", "c"]
+    assert model.image_mean == (0.5, 0.4, 0.3) and model.image_std == (0.2, 0.25, 0.3)
+    del hparams["val_tta"]
+    assert Classifier(**hparams).val_tta == "none"
+    # The epoch's running sums travel in checkpoints apart from the weights (see on_save_checkpoint).
+    assert "train_sums" not in classifier.state_dict()
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(classifier(x), model(x))
+
+
+def single_process(classifier: Classifier) -> Classifier:
+    """classifier as Lightning's one-process trainer shows it to the hooks that ask for processes."""
+    classifier.trainer = SimpleNamespace(world_size=1, global_rank=0)
+    return classifier
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_training_step_returns_the_loss_and_keeps_the_epoch_sums():
+    torch.manual_seed(0)
+    classifier = micro_classifier(label_smoothing=0.2)
+    with torch.no_grad():
+        classifier.model.head.weight.normal_(0, 1)  # not all classes equally likely
+    assert single_process(classifier).train_metrics() == {"train_loss": 0.0, "train_acc": 0.0}  # nothing seen yet
+    seen, loss_sum, correct = 0, 0.0, 0
+    for i, size in enumerate([1, 5, 2]):
+        images = torch.randn(size, 3, 8, 8)
+        logits = classifier.model(images)
+        labels = logits.argmax(-1) if i == 0 else torch.arange(size) % 3  # the lone first image is right
+        classifier.trainer = None  # self.log needs a real trainer; without one it only warns
+        loss = classifier.training_step((images, labels), i)
+        torch.testing.assert_close(loss, F.cross_entropy(logits, labels, label_smoothing=0.2))
+        seen, loss_sum = seen + size, loss_sum + loss.item() * size
+        correct += (logits.argmax(-1) == labels).sum().item()
+        metrics = single_process(classifier).train_metrics()
+        assert metrics["train_loss"] == pytest.approx(loss_sum / seen)
+        assert metrics["train_acc"] == pytest.approx(correct / seen)
+    assert 0 < correct < seen
+    classifier.on_train_epoch_start()
+    assert classifier.train_metrics() == {"train_loss": 0.0, "train_acc": 0.0}
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_epoch_sums_count_exactly_past_2_to_the_24_images():
+    classifier = micro_classifier()
+    classifier.train_sums[2] = 2**24  # where float32 stops counting in ones
+    classifier.training_step((torch.randn(1, 3, 8, 8), torch.tensor([0])), 0)
+    assert classifier.train_sums[2].item() == 2**24 + 1
+
+
+def test_checkpoint_carries_the_epoch_sums_and_each_process_random_state():
+    saved = single_process(micro_classifier())
+    saved.train_sums.copy_(torch.tensor([2.5, 3.0, 4.0], dtype=torch.float64))
+    checkpoints, expected = [{}, {}], []
+    for seed, checkpoint in zip((1, 2), checkpoints):
+        torch.manual_seed(seed)
+        saved.on_save_checkpoint(checkpoint)
+        expected.append(torch.rand(5))
+    resumed = single_process(micro_classifier())
+    torch.manual_seed(3)
+    resumed.on_load_checkpoint(checkpoints[0])
+    assert torch.equal(torch.rand(5), expected[0])  # draws go on where the saved run left off
+    assert resumed.train_metrics() == {"train_loss": 2.5 / 4, "train_acc": 0.75}
+    # The second of two processes takes the second state.
+    of_two = {"rng": checkpoints[0]["rng"] + checkpoints[1]["rng"]}
+    resumed.trainer = SimpleNamespace(world_size=2, global_rank=1)
+    resumed.on_load_checkpoint(of_two)
+    assert torch.equal(torch.rand(5), expected[1])
+    # A checkpoint from before they were saved, or of another number of processes, leaves them alone.
+    for checkpoint in ({}, of_two):
+        older = single_process(micro_classifier())
+        state = torch.get_rng_state()
+        older.on_load_checkpoint(checkpoint)
+        assert older.train_metrics() == {"train_loss": 0.0, "train_acc": 0.0}
+        assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_short_fit_logs_its_losses_and_follows_the_schedule():
+    torch.manual_seed(0)
+    classifier = micro_classifier(val_tta="flip", lr=0.1, min_lr=0.01, warmup=0.5)
+    images, labels = torch.randn(8, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    lrs, losses = [], []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(outputs["loss"].item())
+
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[Record()])
+    trainer.fit(classifier, DataLoader(TensorDataset(images, labels), batch_size=2),
+                DataLoader(TensorDataset(images[:5], labels[:5]), batch_size=3))
+    # 4 steps: linear warm-up over the first half, then a cosine from lr down to min_lr at the end.
+    assert lrs == pytest.approx([0.0, 0.05, 0.1, 0.01 + 0.09 * 0.5 * (1 + math.cos(math.pi * 0.5))])
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01)
+    # The training loss per step, validation loss and accuracy per epoch, all on the progress bar.
+    assert set(trainer.progress_bar_metrics) == set(trainer.logged_metrics) == {"train_loss", "val_loss", "val_acc"}
+    assert trainer.logged_metrics["train_loss"].item() == pytest.approx(losses[-1])
+    assert classifier.train_metrics()["train_loss"] == pytest.approx(sum(losses) / 4)
+    # Validation scores the test-time views (here flip), over all 5 images of its two batches.
+    with torch.no_grad():
+        logits = tta_logits(classifier.model.eval(), images[:5], "flip")
+        plain = classifier.model(images[:5])
+    loss = F.cross_entropy(logits, labels[:5]).item()
+    assert loss != pytest.approx(F.cross_entropy(plain, labels[:5]).item(), rel=1e-4)
+    assert trainer.logged_metrics["val_loss"].item() == pytest.approx(loss, rel=1e-5)
+    accuracy = (logits.argmax(-1) == labels[:5]).float().mean().item()
+    assert trainer.logged_metrics["val_acc"].item() == pytest.approx(accuracy)
+
+
+def timer(elapsed: float, remaining: float | None) -> Timer:
+    """A Timer that reports elapsed and remaining seconds of training (remaining None: no max_time)."""
+    timer = Timer()
+    timer.time_elapsed = lambda stage="train": elapsed if stage == "train" else 0.0
+    timer.time_remaining = lambda stage="train": remaining if stage == "train" else None
+    return timer
+
+
+def test_training_progress_is_the_further_of_steps_and_time():
+    classifier = micro_classifier()
+    assert classifier.training_progress(0) == 0.0  # asked before the trainer knows its steps: needs no trainer
+
+    def progress(step, total_steps, *callbacks):
+        classifier.trainer = SimpleNamespace(estimated_stepping_batches=total_steps, callbacks=list(callbacks),
+                                             world_size=1)
+        return classifier.training_progress(step)
+
+    assert progress(3, 12) == 0.25
+    assert progress(3, 12, L.Callback(), timer(0.2, None)) == 0.25  # no max_time: by steps
+    assert progress(3, math.inf, timer(0.2, 0.6)) == pytest.approx(0.25)  # no max_epochs: by time
+    assert progress(6, 12, timer(0.2, 0.6)) == 0.5
+    assert progress(3, 12, timer(1.5, 0.5)) == 0.75
+    assert progress(15, 12) == 1.0 and progress(3, math.inf, timer(5.0, 0.0)) == 1.0
+
+
+class TwoProcesses:
+    """Lightning's strategy as process `rank` of two sees it; `other` is what the other process holds."""
+
+    def __init__(self, rank: int, other):
+        self.rank, self.other = rank, other
+
+    def reduce(self, tensor, group=None, reduce_op="mean"):  # in place, as DDP's all-reduce
+        if reduce_op.lower() not in ("sum", "mean", "avg"):
+            raise ValueError(f"unsupported reduce_op {reduce_op}")
+        tensor += self.other
+        return tensor if reduce_op.lower() == "sum" else tensor.div_(2)
+
+    def broadcast(self, obj, src=0):
+        return obj if src == self.rank else self.other
+
+
+def two_processes(classifier: Classifier, rank: int, other=None, **trainer) -> Classifier:
+    classifier.trainer = SimpleNamespace(world_size=2, global_rank=rank, strategy=TwoProcesses(rank, other), **trainer)
+    return classifier
+
+
+def test_training_metrics_are_summed_over_processes():
+    classifier = micro_classifier()
+    classifier.train_sums.copy_(torch.tensor([3.0, 2.0, 4.0], dtype=torch.float64))
+    other = torch.tensor([1.0, 0.0, 4.0], dtype=torch.float64)
+    assert two_processes(classifier, 0, other).train_metrics() == {"train_loss": 0.5, "train_acc": 0.25}
+    assert classifier.train_sums.tolist() == [3.0, 2.0, 4.0]  # summed from a copy
+
+
+def test_processes_draw_their_own_random_numbers_from_one_seed():
+    classifier = micro_classifier()
+    torch.manual_seed(5)
+    torch.rand(3)
+    state = torch.get_rng_state()
+    single_process(classifier).setup("fit")
+    two_processes(classifier, 1).setup("validate")
+    assert torch.equal(torch.get_rng_state(), state)  # one process, or not training: the stream goes on
+    draws = []
+    for rank in (0, 1):
+        torch.manual_seed(5)
+        two_processes(classifier, rank).setup("fit")
+        assert torch.initial_seed() == 5 + rank
+        draws.append(torch.rand(3))
+    torch.manual_seed(5)
+    assert torch.equal(draws[0], torch.rand(3)) and not torch.equal(draws[0], draws[1])
+
+
+def test_checkpoint_gathers_the_random_state_of_every_process(monkeypatch):
+    other = (torch.manual_seed(9).get_state(), None)
+
+    def all_gather_object(object_list, obj):  # as process 0 of two
+        assert len(object_list) == 2
+        object_list[0], object_list[1] = obj, other
+
+    monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
+    classifier = two_processes(micro_classifier(), 0)
+    checkpoint = {}
+    torch.manual_seed(1)
+    classifier.on_save_checkpoint(checkpoint)
+    expected = torch.rand(3)
+    assert len(checkpoint["rng"]) == 2 and checkpoint["rng"][1] is other
+    torch.manual_seed(2)
+    classifier.on_load_checkpoint(checkpoint)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_processes_follow_the_first_process_clock():
+    classifier = micro_classifier()
+    for rank, expected in ((0, 0.25), (1, 0.5)):  # process 1's own clock would say 0.25 too
+        two_processes(classifier, rank, 0.5, estimated_stepping_batches=math.inf, callbacks=[timer(0.2, 0.6)])
+        assert classifier.training_progress(3) == pytest.approx(expected)
+
+
+def test_optimiser_is_adamw_with_the_decay_rule_and_a_per_step_schedule():
+    classifier = micro_classifier(lr=0.02, min_lr=0.002, weight_decay=0.1, beta1=0.8, beta2=0.95, warmup=0.2)
+    configured = classifier.configure_optimizers()
+    optimizer, schedule = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    assert isinstance(optimizer, torch.optim.AdamW) and configured["lr_scheduler"]["interval"] == "step"
+    expected = param_groups(classifier.model, 0.1)
+    assert len(optimizer.param_groups) == len(expected) == 2
+    for group, rule in zip(optimizer.param_groups, expected):
+        assert group["params"] == rule["params"] and group["weight_decay"] == rule["weight_decay"]
+        assert group["initial_lr"] == 0.02 and group["betas"] == (0.8, 0.95) and "lr_scale" not in group
+    assert all(p.requires_grad for p in classifier.model.parameters())
+    classifier.trainer = SimpleNamespace(estimated_stepping_batches=10, callbacks=[], world_size=1)
+    for step in (1, 2, 6, 10):
+        assert schedule.lr_lambdas[0](step) == pytest.approx(warmup_cosine(step / 10, 0.2, 0.1))
+
+
+def test_pretrained_part_learns_at_a_scaled_rate_or_not_at_all():
+    pretrained = dataclasses.replace(MICRO, init="timm:vit_tiny")  # only the optimiser reads init here
+
+    def groups(scale):
+        classifier = micro_classifier(pretrained, lr=0.01, weight_decay=0.1, init_lr_scale=scale)
+        names = {id(p): n for n, p in classifier.model.named_parameters()}
+        optimizer = classifier.configure_optimizers()["optimizer"]
+        return classifier, [({names[id(p)] for p in g["params"]}, g["initial_lr"], g["weight_decay"])
+                            for g in optimizer.param_groups]
+
+    classifier, scaled = groups(0.1)
+    body = {n for n, _ in classifier.model.named_parameters() if not n.startswith("head.")}
+    # New weights first, at the full rate; the pre-trained ones at lr x init_lr_scale; decay as ever.
+    assert scaled[:2] == [({"head.weight"}, 0.01, 0.1), ({"head.bias"}, 0.01, 0.0)]
+    assert [(lr, decay) for _, lr, decay in scaled[2:]] == [(pytest.approx(0.001), 0.1), (pytest.approx(0.001), 0.0)]
+    assert scaled[2][0] | scaled[3][0] == body
+    assert all(p.requires_grad for p in classifier.model.parameters())
+    classifier, frozen = groups(0.0)
+    assert frozen == [({"head.weight"}, 0.01, 0.1), ({"head.bias"}, 0.01, 0.0)]
+    assert {n for n, p in classifier.model.named_parameters() if not p.requires_grad} == body
+
+
+def test_decay_rule_needs_no_embedding_list_and_skips_frozen_parameters():
+    layers = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    layers[0].weight.requires_grad_(False)
+    decay, no_decay = param_groups(layers, 0.1)
+    assert decay["params"] == [layers[2].weight]
+    assert no_decay["params"] == [layers[0].bias, layers[1].weight, layers[1].bias, layers[2].bias]
+    assert decay["lr_scale"] == no_decay["lr_scale"] == 1.0
+
+
+def test_schedule_stays_at_its_minimum_after_the_end():
+    assert warmup_cosine(1.5, 0.1, 0.01) == pytest.approx(0.01)
+
+
+def test_trainer_settings_are_checked_with_messages_naming_key_and_value():
+    refused = {
+        "max_time": ("90min", "trainer.max_time must look like HH:MM:SS, not '90min'"),
+        "checkpoint_every": ("soon", "trainer.checkpoint_every must look like HH:MM:SS, not 'soon'"),
+        "val_every_n_epochs": (0, "trainer.val_every_n_epochs must be 1 or more, not 0"),
+        "val_tta": ("mirror", "trainer.val_tta must be one of none, flip, flip-shift, not 'mirror'"),
+        "accelerator": ("tpu", "trainer.accelerator must be cpu, gpu or auto, not 'tpu'"),
+        "devices": (0, "trainer.devices must be a number of processes (1 or more) or auto, not 0"),
+        "num_nodes": (0, "trainer.num_nodes must be 1 or more, not 0"),
+    }
+    for key, (value, message) in refused.items():
+        with pytest.raises(VitlabError, match=f"^{re.escape(message)}$"):
+            configs.TrainerConfig(**{key: value})
+    for decay in (0.0, 1.0, 1.5, -0.5):
+        with pytest.raises(VitlabError, match=f"^trainer.ema_decay must be between 0 and 1, not {decay}$"):
+            configs.TrainerConfig(ema_decay=decay)
+    for decay in (None, 1e-6, 0.999):
+        assert configs.TrainerConfig(ema_decay=decay).ema_decay == decay
+    for accelerator in ("cpu", "gpu", "auto"):
+        assert configs.TrainerConfig(accelerator=accelerator).accelerator == accelerator
+
+
+def test_durations_need_three_or_four_numbers():
+    assert configs.parse_duration("00:00:90").total_seconds() == 90
+    for text in ("1:30", "1:00:00:00:00", "aa:bb:cc", "1:-2:00", ""):
+        with pytest.raises(VitlabError, match=f"^max_time must look like HH:MM:SS, not '{text}'$"):
+            configs.parse_duration(text)
+
+
+def test_config_files_that_cannot_be_used_are_named_with_the_reason(tmp_path):
+    def refused(text: str | bytes) -> str:
+        path = tmp_path / "c.yaml"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(VitlabError) as error:
+            configs.resolve(config_file=path)
+        return str(error.value).replace(str(path), "FILE")
+
+    assert refused("model: [1, 2") == "config file FILE is not valid YAML: while parsing a flow sequence"
+    assert refused("a: !!python/object/apply:os.system [echo]") == (
+        "refused config file FILE: it has a YAML tag vitlab does not read "
+        "('tag:yaml.org,2002:python/object/apply:os.system'); configs are plain data")
+    assert refused(b"model: {dim: \xff}").startswith("cannot read config file FILE: 'utf-8' codec can't decode")
+    assert refused("- model\n- data") == "config file FILE must be a mapping of sections (model, data, optim, trainer)"
+    assert refused("model: 3") == "config section 'model' in FILE must be a mapping"
+    assert refused("model: {width: 3}") == (
+        "unknown config key 'model.width' in FILE (known: "
+        f"{', '.join(sorted(f.name for f in dataclasses.fields(ViTConfig)))})")
+    with pytest.raises(VitlabError, match=f"^config file {re.escape(str(tmp_path / 'no.yaml'))} does not exist$"):
+        configs.resolve(config_file=tmp_path / "no.yaml")
+    with pytest.raises(VitlabError, match="^unknown config key 'model.width' in command-line flags "):
+        configs.resolve(flags={"model": {"width": 3}})
+    with pytest.raises(VitlabError, match=r"^unknown config section 'modle' in key=value overrides "
+                                          r"\(known: model, data, optim, trainer\)$"):
+        configs.resolve(overrides={"modle.dim": 3})
+
+
+def test_presets_are_named_in_errors(tmp_path, monkeypatch):
+    with pytest.raises(VitlabError, match=f"^unknown preset 'huge' \\(known: {', '.join(configs.preset_names())}\\)$"):
+        configs.resolve("huge")
+    monkeypatch.setattr(configs, "PRESETS_DIR", tmp_path)
+    (tmp_path / "typo.yaml").write_text("model: {width: 3}")
+    (tmp_path / "broken.yaml").write_text("model: [")
+    with pytest.raises(VitlabError, match="^unknown config key 'model.width' in preset typo "):
+        configs.resolve("typo")
+    with pytest.raises(VitlabError, match=f"^preset {re.escape(str(tmp_path / 'broken.yaml'))} is not valid YAML"):
+        configs.resolve("broken")
+
+
+def test_values_are_checked_against_the_field_types():
+    def value(key, raw):
+        section, name = key.split(".")
+        return getattr(getattr(configs.resolve(overrides={key: raw}), section), name)
+
+    assert value("optim.lr", "3e-4") == 3e-4  # YAML reads 3e-4 (no dot) as a string
+    assert value("optim.lr", 1) == 1.0 and isinstance(value("optim.lr", 1), float)
+    assert value("trainer.precision", 32) == "32"
+    assert value("trainer.max_epochs", None) is None and value("trainer.devices", "auto") == "auto"
+    assert value("trainer.compile", True) is True
+    refused = {"model.depth": [True, 3.5, "3"], "optim.lr": [True, "fast"], "trainer.compile": [1, "yes"],
+               "data.source": [True, None]}
+    for key, values in refused.items():
+        for raw in values:
+            with pytest.raises(VitlabError, match=f"^config key {re.escape(key)} must be "):
+                configs.resolve(overrides={key: raw})
+    with pytest.raises(VitlabError, match="^config key trainer.max_epochs must be int or null, not 'ten'$"):
+        configs.resolve(overrides={"trainer.max_epochs": "ten"})
+
+
+def test_overrides_must_name_a_section_and_a_key():
+    assert configs.parse_override("data.source=folder:a=b") == ("data.source", "folder:a=b")
+    assert configs.parse_override("data.source=[a") == ("data.source", "[a")  # not YAML: the text itself
+    assert configs.parse_override("trainer.max_time=") == ("trainer.max_time", None)
+    for text in ("model=3", "model.=3", "model.depth"):
+        with pytest.raises(VitlabError, match=f"^override '{re.escape(text)}' must look like section.key=value"):
+            configs.parse_override(text)
+    for key in ("model", "model."):
+        with pytest.raises(VitlabError, match=f"^override key '{key}' must look like section.key, e.g. optim.lr$"):
+            configs.resolve(overrides={key: 3})
+    with pytest.raises(VitlabError, match="^unknown config key 'model.depth.x' in key=value overrides"):
+        configs.resolve(overrides={"model.depth.x": 3})
+
+
+def test_resume_may_change_only_the_length_of_the_run(tmp_path):
+    saved = configs.resolve("smoke", overrides={"optim.lr": 0.002})
+    assert configs.resolve_resume(saved, "smoke", overrides={"optim.lr": 0.002}) == saved
+    longer = configs.resolve_resume(saved, "smoke", overrides={"optim.lr": 0.002, "trainer.max_epochs": 9,
+                                                               "trainer.max_time": "00:05:00"})
+    assert longer == dataclasses.replace(saved, trainer=dataclasses.replace(saved.trainer, max_epochs=9,
+                                                                             max_time="00:05:00"))
+    with pytest.raises(VitlabError, match=r"^--resume: optim.lr is 0.01 here but 0.002 in the run's config.yaml; "
+                                          r"only --max-epochs and --max-time may change when resuming$"):
+        configs.resolve_resume(saved, "smoke", overrides={"optim.lr": 0.01})
+    with pytest.raises(VitlabError, match="^--resume: model.dim is 16 here"):
+        configs.resolve_resume(saved, "smoke", flags={"model": {"dim": 16, "heads": 2}},
+                               overrides={"optim.lr": 0.002})
+    with pytest.raises(VitlabError, match="^--resume: model.dim is 512 here"):
+        configs.resolve_resume(saved, "tutorial-cpu", overrides={"optim.lr": 0.002})
+    file = tmp_path / "c.yaml"
+    file.write_text("optim: {lr: 0.5}")
+    with pytest.raises(VitlabError, match="^--resume: optim.lr is 0.5 here"):
+        configs.resolve_resume(saved, "smoke", file)
+    # The command resolves on top of the saved config: a time budget given to an earlier resume stays.
+    resumed = dataclasses.replace(saved, trainer=dataclasses.replace(saved.trainer, max_time="00:05:00"))
+    assert configs.resolve_resume(resumed, "smoke", overrides={"optim.lr": 0.002}) == resumed
+
+
+def test_saved_config_reads_in_field_order_and_errors_name_the_file(tmp_path):
+    path = tmp_path / "config.yaml"
+    configs.save(configs.RunConfig(), path)
+    text = path.read_text()
+    assert [line for line in text.splitlines() if not line.startswith(" ")] == ["model:", "data:", "optim:", "trainer:"]
+    assert text.index("  image_size:") < text.index("  patch_size:") < text.index("  in_channels:")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(VitlabError, match=f"^cannot write run config {re.escape(str(blocker / 'config.yaml'))}: "):
+        configs.save(configs.RunConfig(), blocker / "config.yaml")
+    with pytest.raises(VitlabError, match=f"^run config {re.escape(str(tmp_path / 'no.yaml'))} does not exist$"):
+        configs.load(tmp_path / "no.yaml")
+    path.write_text("model: {width: 3}")
+    with pytest.raises(VitlabError, match=f"^unknown config key 'model.width' in {re.escape(str(path))} "):
+        configs.load(path)
