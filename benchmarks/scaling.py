@@ -1,7 +1,7 @@
 """How vitlab scales on this machine: one process against two DDP processes, streamed shards against
 images in memory, and the memory a streamed run needs as the data set grows.
 
-    .venv/bin/python benchmarks/scaling.py [--epochs 3] [--work DIR]
+    .venv/bin/python benchmarks/scaling.py [--epochs 3] [--rounds 2] [--only ddp|streaming|memory] [--work DIR]
 
 Each configuration is a real `vitlab train` subprocess on synthetic images (the `fake` source,
 packed with `vitlab.data.shards` for the streamed runs). Training speed is images per second of
@@ -58,17 +58,38 @@ def pack(out: Path, count: int, image_size: int) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the DDP comparison")
+    parser.add_argument("--only", choices=["ddp", "streaming", "memory"], help="run one part only")
     parser.add_argument("--work", type=Path, help="where runs and packs go (default: a temporary folder)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="vitlab-scaling-"))
     results = {}
+    if args.only in (None, "ddp"):
+        ddp_comparison(args, work, results)
+    if args.only in (None, "streaming"):
+        streaming_comparison(args, work, results)
+    if args.only in (None, "memory"):
+        streamed_memory(work, results)
+    for name, figures in results.items():
+        print(f"{name:<48} {figures['images_per_s']:8.1f} images/s   peak RSS {figures['peak_rss_mib']:7.0f} MiB")
+    print(json.dumps(results))
 
-    one = train(work / "one", "fake", 32, args.epochs, 2, ["--accelerator", "cpu"])
-    two = train(work / "ddp", "fake", 32, args.epochs, 1, ["--accelerator", "cpu", "--devices", "2"])
+
+def ddp_comparison(args, work: Path, results: dict):
+    # Interleaved rounds, the best of each kept: a one-off slowdown of the machine then hits both sides.
+    rounds = {"one": [], "ddp": []}
+    for r in range(args.rounds):
+        rounds["one"].append(train(work / f"one-{r}", "fake", 32, args.epochs, 2, ["--accelerator", "cpu"]))
+        rounds["ddp"].append(train(work / f"ddp-{r}", "fake", 32, args.epochs, 1,
+                                   ["--accelerator", "cpu", "--devices", "2"]))
+    one, two = (max(rounds[k], key=lambda f: f["images_per_s"]) for k in ("one", "ddp"))
     results["1 process x 2 threads, in memory, 32 px"] = one
     results["2 DDP processes x 1 thread, in memory, 32 px"] = two
-    print(f"DDP (2 x 1 thread) / one process (2 threads): {two['images_per_s'] / one['images_per_s']:.2f}x")
+    print(f"DDP (2 x 1 thread) / one process (2 threads): {two['images_per_s'] / one['images_per_s']:.2f}x "
+          f"(best of {args.rounds} interleaved rounds)")
 
+
+def streaming_comparison(args, work: Path, results: dict):
     for size in (32, 128):
         memory = train(work / f"memory-{size}", "fake", size, args.epochs, 2, [])
         streamed = train(work / f"streamed-{size}", pack(work / f"pack-{size}", 2000, size), size, args.epochs, 2,
@@ -76,13 +97,12 @@ def main():
         results[f"in memory, {size} px"], results[f"streamed, {size} px"] = memory, streamed
         print(f"{size} px: streamed / in memory: {streamed['images_per_s'] / memory['images_per_s']:.2f}x")
 
+
+def streamed_memory(work: Path, results: dict):
     for count in (2000, 8000):
         location = pack(work / f"pack-rss-{count}", count, 128)
         results[f"streamed, 128 px, {count} images"] = train(work / f"rss-{count}", location, 128, 2, 2,
                                                               ["data.num_workers=1"])
-    for name, figures in results.items():
-        print(f"{name:<48} {figures['images_per_s']:8.1f} images/s   peak RSS {figures['peak_rss_mib']:7.0f} MiB")
-    print(json.dumps(results))
 
 
 if __name__ == "__main__":
