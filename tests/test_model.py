@@ -189,6 +189,8 @@ def test_compact_options_conv_tokenizer_and_attention_pooling():
 def test_conv_tokenizer_needs_a_power_of_two_patch():
     with pytest.raises(VitlabError, match="power of 2"):
         ViTConfig(tokenizer="conv", patch_size=6, image_size=36)
+    with pytest.raises(VitlabError, match="power of 2, at least 2"):  # one stage always halves the image
+        ViTConfig(tokenizer="conv", patch_size=1, image_size=8)
 
 
 def test_dropout_has_nn_dropout_statistics_and_gradient():

@@ -44,9 +44,9 @@ class ViTConfig:
             raise VitlabError(f"dim {self.dim} is not a multiple of heads {self.heads}")
         if self.tokenizer not in ("patch", "conv"):
             raise VitlabError(f"tokenizer must be patch or conv, not '{self.tokenizer}'")
-        if self.tokenizer == "conv" and self.patch_size & (self.patch_size - 1):
+        if self.tokenizer == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
             raise VitlabError(f"the conv tokenizer halves the image per stage: patch_size {self.patch_size} "
-                              f"must be a power of 2")
+                              f"must be a power of 2, at least 2")
         if self.pool not in ("cls", "attention"):
             raise VitlabError(f"pool must be cls or attention, not '{self.pool}'")
 
