@@ -3,8 +3,9 @@
 - `AtomicCheckpointIO` writes every checkpoint through vitlab.io (temp file + fsync + rename), so a
   crash during a write leaves the previous checkpoint whole, and refuses weights that are not finite.
 - `LastCheckpoint` keeps RUN_DIR/checkpoints/last.ckpt current: at the end of every epoch, every
-  `trainer.checkpoint_every` of wall time part-way through an epoch, and when SIGTERM/SIGINT asks
-  training to stop. `BestCheckpoint` keeps best.ckpt, the best validation accuracy so far.
+  `trainer.checkpoint_every` of wall time part-way through an epoch, and when SIGTERM, SIGINT or
+  SLURM's SIGUSR1 asks training to stop. `BestCheckpoint` keeps best.ckpt, the best validation
+  accuracy so far.
 - `DivergenceGuard` stops training at the first non-finite loss.
 """
 
@@ -24,6 +25,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from vitlab import __version__
 from vitlab.errors import VitlabError
 from vitlab.io import CHECKPOINT_FORMAT, atomic_open, read_checkpoint
+
 
 class Interrupted(VitlabError):
     """Training stopped on a signal after saving a checkpoint; the exit code says which signal."""
