@@ -166,3 +166,19 @@ def test_two_nodes_launched_by_lightning_from_the_environment(images, tmp_path):
     for node, (_, err) in zip(nodes, outputs):
         assert node.returncode == 0, err[-3000:]
     assert [r["step"] for r in rows(tmp_path / "run")] == ["4"]
+
+
+def test_two_process_ddp_run_streams_shards(images, tmp_path):
+    packed = tmp_path / "packed"
+    assert vitlab("pack", f"folder:{images}", "--out", packed).returncode == 0
+    run_dir = tmp_path / "run"
+    result = vitlab("train", "--data", f"shards:{packed}", "--run-dir", run_dir, "--max-epochs", "2",
+                    "--val-fraction", "0.25", "--accelerator", "cpu", "--devices", "2", *MODEL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = rows(run_dir)
+    assert [r["step"] for r in metrics] == ["4", "8"]  # 36 training items, 4 per process per step
+    scored = vitlab("eval", "--checkpoint", run_dir / "checkpoints" / "last.ckpt", "--data", f"shards:{packed}",
+                    "--held-out", "--val-fraction", "0.25", "--json")
+    result = json.loads(scored.stdout)
+    assert result["n"] == 12 and result["accuracy"] == pytest.approx(float(metrics[-1]["val_acc"]), abs=1e-6)
+    assert result["loss"] == pytest.approx(float(metrics[-1]["val_loss"]), abs=1e-4)
