@@ -53,8 +53,9 @@ def train(preset: str | None = None, data: str | None = None, *, config: str | P
           max_epochs: int | None = None, max_time: str | None = None, run_dir: str | Path | None = None,
           seed: int | None = None, resume: bool = False, overrides: dict | None = None) -> Run:
     """Train a ViT, or resume the run in `run_dir` (give the same arguments as when it started, or
-    none: only max_epochs and max_time may change; a run that has not begun yet is started). The config is resolved as: defaults -> preset
-    -> config file -> data / max_epochs / max_time / seed -> overrides ({"section.key": value})."""
+    none: only max_epochs and max_time may change; a run that has not begun yet is started).
+    The config is resolved as: defaults -> preset -> config file -> data / max_epochs / max_time /
+    seed -> overrides ({"section.key": value})."""
     from vitlab.training.run import train as train_run
 
     flags = {"data": {"source": data},

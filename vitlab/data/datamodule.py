@@ -182,17 +182,20 @@ class EpochBatches(Sampler[list[int]]):
     def set_epoch(self, epoch: int):  # Lightning calls this at the start of every epoch
         self.epoch = epoch
 
+    def total(self) -> int:
+        """How many batches all processes take together this epoch."""
+        if not self.shuffle:
+            return -(-self.size // self.batch_size)
+        return max(self.size // self.batch_size // self.world * self.world, 1)  # 1: one process, a partial batch
+
     def batches(self) -> list[torch.Tensor]:
         """All processes' batches of this epoch, in order."""
-        if not self.shuffle:
-            return list(torch.arange(self.size).split(self.batch_size))
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-        full = self.size // self.batch_size // self.world * self.world
-        return list(order[:full * self.batch_size].view(full, self.batch_size)) if full else [order]
+        order = (torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+                 if self.shuffle else torch.arange(self.size))
+        return list(order[:self.total() * self.batch_size].split(self.batch_size))
 
     def __len__(self) -> int:
-        total = -(-self.size // self.batch_size) if not self.shuffle else self.size // self.batch_size // self.world * self.world
-        return len(range(self.rank, max(total, 1), self.world))
+        return len(range(self.rank, self.total(), self.world))
 
     def __iter__(self):
         mine = self.batches()[self.rank::self.world]
