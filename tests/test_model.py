@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -7,7 +8,7 @@ from torch import nn
 
 from vitlab import ViT, ViTConfig
 from vitlab.errors import VitlabError
-from vitlab.model import Dropout
+from vitlab.model import DropPath, Dropout
 
 TINY = ViTConfig(image_size=32, patch_size=4, num_classes=10, dim=64, depth=2, heads=4)
 
@@ -321,3 +322,76 @@ def test_dropout_is_nn_dropout_when_compiled_and_its_own_on_the_cpu(monkeypatch)
 def test_flops_are_counted_on_the_models_device():
     model = ViT(TINY)
     assert ViT(TINY).to("meta").flops_per_image() == model.flops_per_image()  # counted without allocating it
+
+
+def test_drop_path_rates_grow_linearly_with_depth():
+    model = ViT(ViTConfig(dim=64, depth=5, heads=4, drop_path=0.2))
+    assert all(isinstance(m, nn.Identity) for m in (model.blocks[0].drop_path1, model.blocks[0].drop_path2))
+    rates = [[m.p for m in (block.drop_path1, block.drop_path2)] for block in model.blocks[1:]]
+    assert rates == [[r, r] for r in torch.linspace(0, 0.2, 5).tolist()[1:]]  # 0.05, 0.1, 0.15, 0.2
+    assert not any(isinstance(m, DropPath) for m in ViT(TINY).modules())  # the default drops nothing
+
+
+def test_drop_path_is_refused_outside_0_to_1():
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(VitlabError, match=rf"^model.drop_path must be at least 0 and below 1, not {bad}$"):
+            ViTConfig(drop_path=bad)
+
+
+def test_drop_path_zeroes_whole_samples_and_keeps_the_expectation():
+    torch.manual_seed(0)
+    drop = DropPath(0.3).train()
+    x = torch.randn(1, 5, 8).expand(20000, 5, 8)  # one sample, many draws
+    y = drop(x)
+    dropped = y.eq(0).all(dim=(1, 2))
+    assert abs(dropped.float().mean().item() - 0.3) < 0.015
+    torch.testing.assert_close(y[~dropped], x[~dropped] / 0.7)  # kept samples whole, scaled by 1/(1-p)
+    torch.testing.assert_close(y.mean(0), x[0], atol=0.03, rtol=0)  # unbiased
+    assert not torch.equal(drop(x), y)  # a new mask every call
+    assert torch.equal(drop.eval()(x), x)
+    assert drop.train()(x.bfloat16()).dtype == torch.bfloat16
+    # One draw on the input's device, no host sync: it traces into a single graph.
+    compiled = torch.compile(DropPath(0.3).train(), backend="eager", fullgraph=True)
+    assert compiled(x).shape == x.shape
+
+
+def test_drop_path_drops_a_blocks_residual_branches_per_sample():
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(dim=64, depth=2, heads=4, drop_path=0.5)).train()
+    block = model.blocks[1]  # the last block drops each branch with probability 0.5
+    x = torch.randn(4000, 5, 64)
+    with torch.no_grad():
+        y = block(x)
+        attn = block.attn(block.norm1(x))  # the attention branch, before drop path
+    # Both branches dropped: the sample passes through unchanged, exactly (probability 0.25).
+    unchanged = (y == x).all(dim=(1, 2)).float().mean().item()
+    assert abs(unchanged - 0.25) < 0.03
+    # Only the MLP branch dropped: exactly x + 2 * attention (probability 0.25).
+    attn_only = (y == x + attn / 0.5).all(dim=(1, 2)).float().mean().item()
+    assert abs(attn_only - 0.25) < 0.03
+
+
+def test_drop_path_changes_nothing_in_eval_mode():
+    torch.manual_seed(0)
+    plain = ViT(TINY).eval()
+    randomise_attention(plain)
+    dropping = ViT(dataclasses.replace(TINY, drop_path=0.5)).eval()
+    dropping.load_state_dict(plain.state_dict())  # no parameters of its own: the same state dict
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.equal(dropping.forward_features(x), plain.forward_features(x))
+    assert not torch.equal(dropping.train().forward_features(x), plain.train().forward_features(x))
+
+
+def test_matches_timm_with_drop_path_rate_in_eval_mode():
+    torch.manual_seed(0)
+    reference = timm_vit(depth=3, drop_path_rate=0.2).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.normal_(0, 0.1)
+    model = ViT.from_timm(reference).eval()
+    assert model.config.drop_path == pytest.approx(0.2)
+    for ours, theirs in zip(model.blocks, reference.blocks):
+        assert getattr(ours.drop_path1, "p", 0.0) == getattr(theirs.drop_path1, "drop_prob", 0.0)
+        assert getattr(ours.drop_path2, "p", 0.0) == getattr(theirs.drop_path2, "drop_prob", 0.0)
+    x = torch.randn(5, 3, 32, 32)
+    torch.testing.assert_close(model(x), reference(x), atol=1e-4, rtol=1e-4)

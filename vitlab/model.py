@@ -1,7 +1,7 @@
 """The Vision Transformer, as a plain `nn.Module` that knows nothing of training.
 
-Reads top to bottom: the config, PatchEmbed | ConvTokenizer -> Dropout, Attention, Mlp -> Block ->
-AttentionPool -> ViT.
+Reads top to bottom: the config, PatchEmbed | ConvTokenizer -> Dropout, DropPath, Attention, Mlp ->
+Block -> AttentionPool -> ViT.
 Input is a normalised float image batch (B, C, H, W); output is logits (B, num_classes).
 """
 
@@ -31,6 +31,8 @@ class ViTConfig:
     mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * dim
     dropout: float = 0.0  # after attention projection and in the MLP
     emb_dropout: float = 0.0  # on the token embeddings, before the first block
+    drop_path: float = 0.0  # stochastic depth rate of the last block; block i drops its residual branches with
+    # probability drop_path * i / (depth - 1), timm's linear rule torch.linspace(0, drop_path, depth)
     tokenizer: str = "patch"  # patch: linear projection of patches | conv: small conv stem (CCT)
     conv_channels: int = 64  # width of the conv tokenizer's first stage (doubling per stage)
     pool: str = "cls"  # cls: classify the class token | attention: learned weighted mean of tokens
@@ -49,6 +51,8 @@ class ViTConfig:
                               f"must be a power of 2, at least 2")
         if self.pool not in ("cls", "attention"):
             raise VitlabError(f"pool must be cls or attention, not '{self.pool}'")
+        if not 0 <= self.drop_path < 1:
+            raise VitlabError(f"model.drop_path must be at least 0 and below 1, not {self.drop_path}")
 
     @property
     def num_patches(self) -> int:
@@ -112,6 +116,28 @@ class Dropout(nn.Dropout):
         return (x * keep).mul_(65536 / (65536 - dropped))
 
 
+class DropPath(nn.Module):
+    """Stochastic depth per sample, as timm's: in training, each sample's residual branch output is
+    zeroed with probability p and the kept ones are scaled by 1/(1-p), so the expectation is unchanged;
+    in eval mode it passes x through.
+
+    The mask is one draw of B numbers on x's device: no host sync, and torch.compile traces it whole.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        keep = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device) >= self.p  # (B, 1, 1)
+        return x * (keep.to(x.dtype) / (1 - self.p))  # the scale in x's dtype, so bf16 stays bf16
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class Attention(nn.Module):
     """Standard multi-head self-attention: one fused q/k/v projection, heads by reshape.
 
@@ -171,18 +197,22 @@ class AttentionPool(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm encoder block: x + Attention(LN(x)), then x + Mlp(LN(x))."""
+    """Pre-norm encoder block: x + Attention(LN(x)), then x + Mlp(LN(x)); in training each branch is
+    dropped per sample with probability drop_path (stochastic depth)."""
 
-    def __init__(self, config: ViTConfig):
+    def __init__(self, config: ViTConfig, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
         self.attn = Attention(config)
         self.norm2 = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
         self.mlp = Mlp(config)
+        # Identity when not dropping, as in timm: no module, no mask, nothing in the graph.
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
 class ViT(nn.Module):
@@ -207,7 +237,9 @@ class ViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.dim)) if use_cls else None
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + use_cls, config.dim))
         self.emb_drop = Dropout(config.emb_dropout)
-        self.blocks = nn.ModuleList([Block(config) for _ in range(config.depth)])
+        # Deeper blocks are dropped more often (timm's rule, rates computed in float32 as timm does).
+        rates = torch.linspace(0, config.drop_path, config.depth).tolist()
+        self.blocks = nn.ModuleList([Block(config, rate) for rate in rates])
         self.norm = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
         self.pool = AttentionPool(config) if config.pool == "attention" else None
         self.head = nn.Linear(config.dim, config.num_classes)
@@ -303,6 +335,9 @@ class ViT(nn.Module):
             depth=len(t.blocks),
             heads=t.blocks[0].attn.num_heads,
             mlp_ratio=t.blocks[0].mlp.fc1.out_features / t.embed_dim,
+            # The last block's rate is timm's drop_path_rate as float32 (0.2 reads 0.2000000030), kept
+            # so that every block's rate is timm's exactly; with one block it is 0, the same model.
+            drop_path=getattr(t.blocks[-1].drop_path1, "drop_prob", 0.0),
         )
         model = cls(config)
 
