@@ -1,9 +1,11 @@
 """Training throughput, side by side in one run: vitlab's ViT, timm's VisionTransformer at the same
 config, and a re-implementation of the tutorial's model; achieved GFLOP/s against a measured fp32
-matmul peak; and the data pipeline's images/s.
+matmul peak; and the augmentations' images/s. With --loop: the images/s of a real training run
+(`vitlab.train`: data, augmentation, step, logging, progress bar) against the bare train step's.
 
     python benchmarks/throughput.py [--seconds 10] [--configs tutorial-cpu tiny cpu-hour] [--no-compile]
     python benchmarks/throughput.py --configs cpu-hour cpu-hour+model.depth=5 ...   # preset variants
+    python benchmarks/throughput.py --loop --configs cpu-hour [--device cuda] [--epochs 4] [--seconds 12]
 
 With several configs, each config's vitlab rate is also given relative to the first config's: how
 many more (or fewer) steps a variant gets in the same time budget.
@@ -11,22 +13,37 @@ many more (or fewer) steps a variant gets in the same time budget.
 A train step is forward + backward + AdamW (the same optimiser for every model) on a batch of random
 images, fp32, on the CPU (or the GPU with --device cuda). Each model is measured eager and, unless
 --no-compile, also under torch.compile (vitlab's `trainer.compile=true`); timm gets the same.
+
+--loop measures each preset as it trains. The bare step is the one vitlab's Classifier takes, on one
+batch of random images resident on the device: the preset's model (compiled if the preset compiles),
+batch size, precision, label smoothing, and AdamW over vitlab's parameter groups (fused on CUDA).
+The loop is a run of the same preset on synthetic in-memory data (`fake:N`), sized so that an epoch
+lasts about --seconds / 2 at the bare step's rate, without validation between epochs; each epoch's
+time is the difference of metrics.csv's `elapsed_s` between consecutive epochs, and the first epoch
+(which compiles) is not counted. A loop that keeps the GPU busy reaches >= 0.90 of the bare step.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import vitlab
 from vitlab import ViT, ViTConfig
 from vitlab.model import forward_flops
 from vitlab import config as configs
-from vitlab.data.augment import normalize, random_crop_flip, tutorial_transform
+from vitlab.config import RunConfig
+from vitlab.data.augment import auto_augment_cifar10, normalize, random_crop_flip, tutorial_geometry
+from vitlab.training.module import OptimConfig, param_groups
 
 
 class TutorialAttention(nn.Module):
@@ -126,15 +143,28 @@ def matmul_peak(seconds: float, device: str) -> float:
     return 2 * n ** 3 / timed(lambda: a @ b, seconds, device) / 1e9
 
 
-def train_step(model: nn.Module, c: ViTConfig, batch: int, device: str):
-    """A closure running one train step: forward + backward + AdamW."""
+def train_step(model: nn.Module, c: ViTConfig, batch: int, device: str, optim: OptimConfig | None = None,
+               precision: str = "32-true"):
+    """A closure running one train step on one resident batch of random images: forward + backward +
+    AdamW. Without `optim`, AdamW treats all parameters alike, the same for every model compared; with
+    it, the step is the one vitlab's Classifier takes: AdamW over `param_groups` (fused on CUDA), with
+    optim's LR, betas and label smoothing. precision 'bf16-mixed' runs forward and loss under bf16
+    autocast, as Lightning does; '32-true' in fp32."""
+    if precision not in ("32-true", "bf16-mixed"):
+        raise SystemExit(f"precision {precision}: the benchmark knows 32-true and bf16-mixed")
     model = model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if optim is None:
+        optimizer, label_smoothing = torch.optim.AdamW(model.parameters(), lr=1e-4), 0.0
+    else:
+        optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr,
+                                      betas=(optim.beta1, optim.beta2), fused=device == "cuda")
+        label_smoothing = optim.label_smoothing
     x = torch.randn(batch, c.in_channels, c.image_size, c.image_size, device=device)
     y = torch.randint(c.num_classes, (batch,), device=device)
 
     def step():
-        loss = F.cross_entropy(model(x), y)
+        with torch.autocast(device, torch.bfloat16, enabled=precision == "bf16-mixed"):
+            loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -142,42 +172,139 @@ def train_step(model: nn.Module, c: ViTConfig, batch: int, device: str):
     return step
 
 
-def data_rates(image_size: int, batch: int, seconds: float) -> dict[str, float]:
-    images = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8)
+def data_rates(image_size: int, batch: int, seconds: float, device: str) -> dict[str, float]:
+    """Images/s of the augmentations, uint8 batch in, normalised batch out, on the training device
+    (where the DataModule runs them)."""
+    images = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8, device=device)
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-    per_sample = tutorial_transform(image_size, autoaugment=True)
-    return {
-        "crop-flip (batched)": batch / timed(lambda: normalize(random_crop_flip(images), mean, std), seconds, "cpu"),
-        "tutorial + AutoAugment (per sample, 1 process)":
-            64 / timed(lambda: [per_sample(im) for im in images[:64]], seconds, "cpu"),
+    augmentations = {
+        "crop-flip": random_crop_flip,
+        "tutorial + AutoAugment": lambda x: auto_augment_cifar10(tutorial_geometry(x)),
     }
+    return {name: batch / timed(lambda: normalize(augment(images), mean, std), seconds, device)
+            for name, augment in augmentations.items()}
 
 
-def named_config(name: str) -> tuple[ViTConfig, int]:
-    """'tiny', a preset, or a preset with overrides: 'cpu-hour+model.depth=5+model.mlp_ratio=3'."""
+TINY = {"model.dim": 192, "model.depth": 6, "model.heads": 3, "model.patch_size": 4, "data.batch_size": 128}
+
+
+def named_config(name: str) -> tuple[str | None, dict]:
+    """'tiny', a preset, or a preset with overrides ('cpu-hour+model.depth=5+model.mlp_ratio=3') as
+    (preset, overrides), for configs.resolve and vitlab.train; 'tiny' is the defaults with TINY."""
     if name == "tiny":
-        return ViTConfig(dim=192, depth=6, heads=3, patch_size=4), 128
+        return None, dict(TINY)
     preset, *overrides = name.split("+")
-    run = configs.resolve(preset, overrides=overrides)
-    return run.model, run.data.batch_size
+    return preset, dict(configs.parse_override(text) for text in overrides)
+
+
+def run_precision(run: RunConfig, device: str) -> str:
+    """The precision the run trains in on `device`: 'auto' is bf16-mixed on CUDA and 32-true on the
+    CPU (vitlab.training.run.default_precision, decided here by the device measured rather than by
+    whether the machine has a GPU)."""
+    if run.trainer.precision != "auto":
+        return run.trainer.precision
+    return "bf16-mixed" if device == "cuda" else "32-true"
+
+
+def bare_step(run: RunConfig, device: str):
+    """A closure running the train step alone, as the run's Classifier takes it."""
+    model = ViT(dataclasses.replace(run.model, num_classes=10))  # fake data has 10 classes
+    if run.trainer.compile:
+        model.compile()
+    return train_step(model, model.config, run.data.batch_size, device, run.optim, run_precision(run, device))
+
+
+def fake_source_for(run: RunConfig, train_images: int) -> tuple[str, int]:
+    """The `fake:N` source whose training split holds at least train_images images (N less the
+    round(N x val_fraction) held out), and the images an epoch takes from it (full batches only)."""
+    fraction, batch = run.data.val_fraction, run.data.batch_size
+    n = math.ceil(train_images / (1 - fraction))
+    while n - round(n * fraction) < train_images:  # held out as data.datamodule.split_train_val does
+        n += 1
+    return f"fake:{n}", (n - round(n * fraction)) // batch * batch
+
+
+def loop_rates(preset: str | None, overrides: dict, run: RunConfig, device: str, epochs: int,
+               train_images: int) -> list[float]:
+    """Images/s of each epoch but the first of a real run (`vitlab.train`) of the preset with the
+    overrides (resolved: `run`) on `fake` data with about train_images training images. The run's own
+    clock times the epochs: the differences of metrics.csv's elapsed_s, which is rounded to 0.1 s."""
+    source, images_per_epoch = fake_source_for(run, train_images)
+    overrides = {
+        **overrides,
+        "trainer.max_time": None,
+        "trainer.val_every_n_epochs": epochs + 1,  # no validation between epochs (the final one is not timed)
+        "trainer.accelerator": "gpu" if device == "cuda" else "cpu",
+        "trainer.precision": run_precision(run, device),  # the bare step's, whatever else the machine has
+        "trainer.checkpoint_every": "10:00:00",  # no checkpoint part-way through an epoch
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = vitlab.train(preset, source, max_epochs=epochs, run_dir=Path(tmp) / "run", overrides=overrides).metrics
+    elapsed = [float(row["elapsed_s"]) for row in rows]  # at the end of each epoch; epoch 0 compiles
+    return [images_per_epoch / (end - start) for start, end in zip(elapsed, elapsed[1:])]
+
+
+def compare_loop(names: list[str], device: str, epochs: int, seconds: float):
+    """For each config: the bare train step's images/s, then a training run's, and their ratio."""
+    results = []
+    for name in names:
+        preset, overrides = named_config(name)
+        run = configs.resolve(preset, overrides=overrides)
+        c, batch = run.model, run.data.batch_size
+        bare = "bare compiled step" if run.trainer.compile else "bare step"
+        print(f"\n{name}: dim {c.dim}, depth {c.depth}, tokenizer {c.tokenizer}, batch {batch}, "
+              f"precision {run_precision(run, device)}, {'compiled' if run.trainer.compile else 'eager'}")
+        # A config compiles afresh: shapes that differ from the previous config's would otherwise make
+        # torch.compile recompile for dynamic shapes, slower than the static ones a `vitlab train` gets.
+        torch.compiler.reset()
+        step = bare_step(run, device)
+        # Three warm-up steps: the first compiles, the next let CUDA's allocator and kernels settle.
+        before = batch / timed(step, seconds, device, warmup=3)
+        print(f"  {bare}: {before:,.0f} images/s")
+        # Each epoch lasts about seconds / 2 if the loop keeps up with the bare step; at least 4 batches.
+        train_images = max(4 * batch, round(before * seconds / 2))
+        rates = loop_rates(preset, overrides, run, device, epochs, train_images)
+        # The step is timed again after the run and keeps its better time, as the run keeps its best
+        # epoch: a slow spell of a shared machine then cannot favour the loop.
+        after = batch / timed(step, seconds, device)
+        print(f"  {bare} after the run: {after:,.0f} images/s")
+        results.append((name, bare, max(before, after), rates))
+    counted = "epoch 1" if epochs == 2 else f"epochs 1-{epochs - 1}"
+    print(f"\nloop = a `vitlab.train` epoch, the best (and the median) of {counted}; device {device}")
+    for name, bare, step_rate, rates in results:
+        best, median = max(rates), statistics.median(rates)
+        print(f"{name}: loop {best:,.0f} images/s (median {median:,.0f}) | {bare} {step_rate:,.0f} images/s | "
+              f"loop / step {best / step_rate:.2f} (median {median / step_rate:.2f}; target >= 0.90 on a GPU)")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=["tutorial-cpu", "tiny"],
                         help="presets to measure (or 'tiny': dim 192, depth 6, 3 heads, patch 4)")
-    parser.add_argument("--seconds", type=float, default=12.0, help="measuring time per model, over all rounds")
+    parser.add_argument("--seconds", type=float, default=12.0,
+                        help="measuring time per model, over all rounds; with --loop, the bare step's, "
+                             "and each epoch lasts about half of it")
     parser.add_argument("--rounds", type=int, default=3, help="turns each model takes, interleaved")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--loop", action="store_true",
+                        help="compare a real training run (vitlab.train) with the bare train step instead")
+    parser.add_argument("--epochs", type=int, default=4, help="with --loop: the run's epochs (the first is not counted)")
     args = parser.parse_args()
+    if args.loop and args.epochs < 2:
+        parser.error("--loop needs --epochs 2 or more: the first epoch compiles and is not counted")
     torch.manual_seed(0)
+    if args.loop:
+        compare_loop(args.configs, args.device, args.epochs, args.seconds)
+        return
 
     peak = matmul_peak(args.seconds / 3, args.device)
     print(f"device {args.device}, {torch.get_num_threads()} threads; fp32 matmul peak {peak:.0f} GFLOP/s")
     first = None  # (name, rates) of the first config, to which the others are compared
     for name in args.configs:
-        c, batch = named_config(name)
+        preset, overrides = named_config(name)
+        run = configs.resolve(preset, overrides=overrides)
+        c, batch = run.model, run.data.batch_size
         print(f"\n{name}: dim {c.dim}, depth {c.depth}, heads {c.heads}, patch {c.patch_size}, "
               f"tokenizer {c.tokenizer}, pool {c.pool}, batch {batch}")
         builders = {"vitlab": ViT}
@@ -219,8 +346,8 @@ def main():
             for label in ("vitlab", "vitlab compiled"):
                 if label in rates and label in first[1]:
                     print(f"  {label} / {first[0]} {label}: {rates[label] / first[1][label]:.2f}x")
-        for k, rate in data_rates(c.image_size, batch, args.seconds / 3).items():
-            print(f"  data: {k:48s} {rate:9.0f} images/s")
+        for k, rate in data_rates(c.image_size, batch, args.seconds / 3, args.device).items():
+            print(f"  data: {k:24s} {rate:9.0f} images/s")
 
 
 if __name__ == "__main__":
