@@ -1,6 +1,7 @@
 import dataclasses
 import math
 import pickle
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vitlab.data import sources
-from vitlab.data.augment import flip_translate, normalize, random_crop_flip, tutorial_transform
+from vitlab.data.augment import flip_translate, normalize, random_crop_flip, tutorial_geometry
 from vitlab.data.datamodule import DataConfig, ImageDataModule, load_eval_set, load_train_val, parse_source
 from vitlab.data.sources import CIFAR, download_cifar, load_image_folder, read_image
 from vitlab.errors import VitlabError
@@ -242,6 +243,48 @@ def test_datamodule_yields_uint8_batches_then_normalises_after_transfer(tmp_path
     torch.testing.assert_close(out, normalised(expected))
 
 
+def test_training_batches_go_through_every_augmentation_asked_for_in_order(tmp_path, monkeypatch):
+    from vitlab.data import datamodule
+
+    config = DataConfig(source="fake:64", batch_size=8, augment="tutorial", autoaugment=True, randaugment_ops=2,
+                        randaugment_magnitude=5, mixup_alpha=0.8, cutmix_alpha=1.0)
+    dm = ImageDataModule(config, 32)
+    dm.setup("fit")
+    calls = []
+
+    def recorded(name, fn):
+        def run(*args):
+            calls.append((name, args[1:]) if name != "mix" else (name, args[2:]))
+            return fn(*args)
+        return run
+
+    for name in ("tutorial_geometry", "auto_augment_cifar10", "rand_augment", "mix"):
+        monkeypatch.setattr(datamodule, name, recorded(name, getattr(datamodule, name)))
+    images, labels = next(iter(dm.train_dataloader()))
+    dm.trainer = SimpleNamespace(training=True)
+    out, targets = dm.on_after_batch_transfer((images, labels), 0)
+    assert calls == [("tutorial_geometry", ()), ("auto_augment_cifar10", ()), ("rand_augment", (2, 5)),
+                     ("mix", (10, 0.8, 1.0))]
+    # Mixed: soft targets over the 10 classes, each row the image's own label and its partner's.
+    assert out.dtype == torch.float32 and targets.shape == (8, 10)
+    torch.testing.assert_close(targets.sum(1), torch.ones(8))
+    assert set(targets.nonzero()[:, 1].tolist()) <= set(labels.tolist())
+    # Validation batches are only normalised, with their labels as they are.
+    calls.clear()
+    dm.trainer = SimpleNamespace(training=False)
+    out, targets = dm.on_after_batch_transfer((images, labels), 0)
+    assert calls == [] and torch.equal(targets, labels)
+
+
+def test_augmentation_settings_are_checked():
+    for key, value, message in [("randaugment_ops", -1, "data.randaugment_ops must be 0 or more, not -1"),
+                                ("randaugment_magnitude", 31, "data.randaugment_magnitude must be between 0 and 30, not 31"),
+                                ("mixup_alpha", -0.5, "data.mixup_alpha must be 0 or more, not -0.5"),
+                                ("cutmix_alpha", -1.0, "data.cutmix_alpha must be 0 or more, not -1.0")]:
+        with pytest.raises(VitlabError, match=re.escape(message)):
+            DataConfig(**{key: value})
+
+
 def ramp_image(size: int = 32) -> np.ndarray:
     """(size, size, 3) uint8: red rises to the right, green downwards, blue is constant (never 0)."""
     y, x = np.mgrid[:size, :size]
@@ -265,8 +308,8 @@ def geometry_of(image: torch.Tensor) -> tuple[float, float, float]:
     return torch.linalg.det(A).item(), angle, math.hypot(A[1, 0], A[1, 1])
 
 
-def test_tutorial_augmentation_runs_per_sample(tmp_path):
-    # Every training image is the same ramp: whatever differs in a batch, the per-sample transform did.
+def test_tutorial_augmentation_draws_for_each_image_of_a_batch(tmp_path):
+    # Every training image is the same ramp: whatever differs in a batch, the augmentation drew per image.
     for name in ("a", "b"):
         (tmp_path / "imgs" / name).mkdir(parents=True)
         for i in range(12):
@@ -275,23 +318,27 @@ def test_tutorial_augmentation_runs_per_sample(tmp_path):
                         augment="tutorial")
     dm = ImageDataModule(config, 32)
     dm.setup("fit")
-    torch.manual_seed(0)
-    images, _ = next(iter(dm.train_dataloader()))
-    assert images.dtype == torch.uint8 and images.shape == (16, 3, 32, 32)
+    batch, _ = next(iter(dm.train_dataloader()))
     original = torch.from_numpy(ramp_image()).permute(2, 0, 1)
+    assert torch.equal(batch, original.expand_as(batch))  # the loader only loads: augmenting is batched
+    torch.manual_seed(0)
+    images = dm.augment(batch)
+    assert images.dtype == torch.uint8 and images.shape == (16, 3, 32, 32)
     assert not any(torch.equal(image, original) for image in images)
-    # Geometry only: blue stays the picture's 200 or the rotation's fill 0.
-    assert set(images[:, 2].unique().tolist()) <= {0, 200}
-    # Each sample draws its own flip, crop and rotation: they vary within the one batch.
+    # Each image draws its own flip, crop and rotation: they vary within the one batch.
     determinant, angle, scale = map(np.array, zip(*(geometry_of(image) for image in images)))
     assert (determinant < 0).any() and (determinant > 0).any()  # some mirrored, some not
     assert angle.min() < -10 and angle.max() > 10 and np.abs(angle).max() < 31  # rotated within ±30°
     assert scale.min() < 0.95 and scale.max() < 1.01  # cropped (enlarged), never shrunk
-    # AutoAugment adds changes of colour, which geometry alone cannot make.
+
+    def picture_blues(images):  # the most common blue of each image
+        return {int(image[2].flatten().mode().values) for image in images}
+
+    # Geometry alone keeps the picture's blue (200); AutoAugment changes colours too.
+    assert picture_blues(images) == {200}
     dm = ImageDataModule(dataclasses.replace(config, autoaugment=True), 32)
     dm.setup("fit")
-    images, _ = next(iter(dm.train_dataloader()))
-    assert not set(images[:, 2].unique().tolist()) <= {0, 200}
+    assert picture_blues(dm.augment(batch)) != {200}
 
 
 def test_flip_translate_moves_rows_down_and_columns_right():
@@ -320,11 +367,11 @@ def test_crop_flip_draws_on_the_images_device():
     assert out.device == images.device and out.shape == images.shape and out.dtype == torch.uint8
 
 
-def test_tutorial_transform_crops_at_least_80_percent_and_rotates_up_to_30_degrees():
+def test_tutorial_geometry_crops_at_least_80_percent_and_rotates_up_to_30_degrees():
     torch.manual_seed(0)
-    transform = tutorial_transform(32, autoaugment=False)
     image = torch.from_numpy(ramp_image()).permute(2, 0, 1)
-    determinant, angle, scale = map(np.array, zip(*(geometry_of(transform(image)) for _ in range(200))))
+    images = tutorial_geometry(image.expand(200, -1, -1, -1))
+    determinant, angle, scale = map(np.array, zip(*(geometry_of(image) for image in images)))
     # A crop of 0.8 to 1 of the area at aspect 0.9 to 1.1 keeps at least 27 of 32 rows
     # (sqrt(0.8 / 1.1) x 32, rounded), and is mostly smaller than the image.
     assert scale.min() > 0.84 and (scale > 0.99).mean() < 0.3

@@ -89,7 +89,7 @@ def test_resized_images_are_stored_as_png_and_decode_exactly(tmp_path):
     shards.pack_folder(root, tmp_path / "shards", 24)
     for name, item in stored_items(tmp_path / "shards").items():
         assert Image.open(io.BytesIO(item["image"])).format == "PNG"
-        decoded = shards.decode_item(item, 24, None, False)[0]
+        decoded = shards.decode_item(item, 24, False)[0]
         assert torch.equal(decoded, read_image(root / name, 24))
 
 
@@ -112,13 +112,6 @@ def test_an_in_memory_set_packs_exactly(tmp_path):
         for image, label, name in zip(images, labels, names):
             i = int(name.removeprefix("fake/"))
             assert torch.equal(image, fake.images[i]) and label == fake.labels[i]
-
-
-def test_a_per_sample_transform_runs_on_each_decoded_image(packed):
-    root, out, _ = packed
-    dataset = shards.shard_dataset(str(out), 32, transform=lambda image: image.flip(-1), names=True)
-    for images, _, names in shards.shard_loader(dataset, 12):
-        assert all(torch.equal(image, read_image(root / name, 32).flip(-1)) for image, name in zip(images, names))
 
 
 def test_items_are_packed_in_a_random_order(packed):

@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a ViT (or resume a run)")
     p.add_argument("--preset", help="a named config: smoke, tutorial-cpu, tutorial-gpu, ...")
     p.add_argument("--config", type=Path, help="a YAML file with sections model/data/optim/trainer")
-    p.add_argument("--data", help="cifar10, cifar100, fake or folder:PATH")
+    p.add_argument("--data", help="cifar10, cifar100, fake[:N] or folder:PATH")
     p.add_argument("--max-epochs", type=int)
     p.add_argument("--max-time", help="stop after this wall time, HH:MM:SS")
     p.add_argument("--run-dir", type=Path, help="where the run is written (default: runs/NAME-TIMESTAMP)")
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="accuracy, loss and per-class accuracy of a checkpoint")
     p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--data", required=True, help="cifar10, cifar100 (test split), fake, or folder:PATH (every image)")
+    p.add_argument("--data", required=True, help="cifar10, cifar100 (test split), fake[:N], or folder:PATH (every image)")
     p.add_argument("--held-out", action="store_true",
                    help="score only the part of --data that training holds out for validation")
     p.add_argument("--val-fraction", type=float, help="the held-out fraction the run trained with (default 0.1)")
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
 
     p = sub.add_parser("pack", help="write a source's images as LitData chunks, to train on with --data shards:DIR")
-    p.add_argument("source", help="cifar10, cifar100, fake or folder:PATH")
+    p.add_argument("source", help="cifar10, cifar100, fake[:N] or folder:PATH")
     p.add_argument("--out", type=Path, required=True, help="a new or empty folder for the chunks and vitlab.json")
     p.add_argument("--image-size", type=int, default=32, help="side of the stored images in pixels (default 32)")
     p.add_argument("--split", choices=["train", "test"], default="train", help="which part of CIFAR to pack")
@@ -244,7 +244,7 @@ def cmd_pack(args):
         raise VitlabError(f"{args.source} is packed already")
     else:
         config = DataConfig(source=kind, root=args.data_root or "data")
-        images = (make_fake(image_size=args.image_size) if kind == "fake"
+        images = (make_fake(path, image_size=args.image_size) if kind == "fake"
                   else load_cifar(kind, config, args.image_size, train=args.split == "train"))
         manifest = shards.pack_image_set(images, args.out, f"{kind}-{args.split}", args.jpeg_quality, args.workers)
     print(f"packed {manifest.count} images of {len(manifest.classes)} classes into {args.out}")

@@ -1,16 +1,13 @@
-"""Augmentation and normalisation of uint8 image tensors.
+"""Augmentation and normalisation of uint8 image batches, on the training device.
 
-Two pipelines:
-- `crop-flip`: batched on the training device (random translation with reflect padding + horizontal
-  flip), one gather per batch on the uint8 images and no per-sample Python: the fast path.
-- `tutorial`: the tutorial's per-sample pipeline (flip, RandomResizedCrop, rotation ±30°, optional
-  AutoAugment with the CIFAR-10 policy), run in the data loader's workers.
-
-Batched, on the training device, with no per-sample Python and nothing read back to the host (each
-image's random choices are tensors, applied with torch.where, gathers and one grid_sample):
-- an op library with torchvision.transforms.v2's semantics (`apply_op` and the ops it dispatches to);
-- `rand_augment` and `auto_augment_cifar10`: torchvision's RandAugment and AutoAugment (CIFAR-10 policy);
-- `tutorial_geometry`: the tutorial's flip, resized crop and rotation as one resampling;
+Everything here works on a whole batch at once, with no per-image Python and nothing read back to
+the host (each image's random choices are tensors, applied with torch.where, gathers and one
+grid_sample), so that augmenting never makes a GPU wait:
+- `random_crop_flip`: random translation with reflect padding + horizontal flip, one uint8 gather;
+- `tutorial_geometry`: the tutorial's flip, resized crop and rotation ±30° as one resampling;
+- an op library with torchvision.transforms.v2's semantics (`apply_op` and the ops it dispatches to),
+  and on it `rand_augment` and `auto_augment_cifar10`: torchvision's RandAugment and AutoAugment
+  (CIFAR-10 policy);
 - `mix`: timm's Mixup / CutMix of a normalised batch and its soft targets.
 """
 
@@ -21,7 +18,6 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
 
 from vitlab.errors import VitlabError
 
@@ -448,15 +444,3 @@ def mix(images: torch.Tensor, labels: torch.Tensor, num_classes: int, mixup_alph
         images = images * lam + images.flip(0) * (1 - lam)
     targets = _one_hot(labels, num_classes) * lam + _one_hot(labels.flip(0), num_classes) * (1 - lam)
     return images, targets
-
-
-def tutorial_transform(image_size: int, autoaugment: bool) -> v2.Compose:
-    """The tutorial's per-sample train augmentation on a uint8 tensor (C, H, W)."""
-    steps = [
-        v2.RandomHorizontalFlip(),
-        v2.RandomResizedCrop(image_size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True),
-        v2.RandomRotation(30),
-    ]
-    if autoaugment:
-        steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10))
-    return v2.Compose(steps)

@@ -9,7 +9,15 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vitlab.data.augment import AUGMENTATIONS, normalize, random_crop_flip, tutorial_transform
+from vitlab.data.augment import (
+    AUGMENTATIONS,
+    auto_augment_cifar10,
+    mix,
+    normalize,
+    rand_augment,
+    random_crop_flip,
+    tutorial_geometry,
+)
 from vitlab.data.sources import (
     CIFAR,
     ImageSet,
@@ -21,21 +29,26 @@ from vitlab.data.sources import (
 )
 from vitlab.errors import VitlabError
 
-SOURCES_HELP = "cifar10, cifar100, fake, folder:PATH or shards:DIR_OR_URL"
+SOURCES_HELP = "cifar10, cifar100, fake[:N], folder:PATH or shards:DIR_OR_URL"
 
 
 @dataclass
 class DataConfig:
-    source: str = "cifar10"  # cifar10 | cifar100 | fake | folder:PATH | shards:DIR_OR_URL (packed by `vitlab pack`)
+    source: str = "cifar10"  # cifar10 | cifar100 | fake[:N] (N synthetic images) | folder:PATH | shards:DIR_OR_URL (packed by `vitlab pack`)
     root: str = "data"  # where CIFAR is downloaded to
     cache_dir: str = "~/.cache/vitlab"  # decoded image folders are cached here
     val_fraction: float = 0.1  # held out of train unless a folder has a sibling val/ folder
     split_seed: int = 0  # fixes the held-out part, independently of the training seed
     batch_size: int = 128
-    num_workers: int = 0  # loader processes; only the per-sample `tutorial` augmentation needs them
-    augment: str = "crop-flip"  # crop-flip (batched, fast) | tutorial (per-sample) | none
+    num_workers: int = 0  # loader processes decoding streamed (shards:) data; in-memory data needs none
+    augment: str = "crop-flip"  # batched on the training device, first: crop-flip (translate + flip) | tutorial
+    # (flip, resized crop, rotation ±30°) | none
     crop_padding: int = 4  # crop-flip translates images by up to this many pixels
-    autoaugment: bool = False  # add AutoAugment(CIFAR10) to the `tutorial` augmentation
+    autoaugment: bool = False  # then AutoAugment's CIFAR-10 policy (as torchvision's)
+    randaugment_ops: int = 0  # then RandAugment with this many ops per image (0 = off; as torchvision's)
+    randaugment_magnitude: int = 9  # RandAugment's magnitude, 0-30
+    mixup_alpha: float = 0.0  # then, after normalising, mixup with lam ~ Beta(alpha, alpha) (0 = off)
+    cutmix_alpha: float = 0.0  # or CutMix (0 = off); with both on, each batch takes one of the two at random
     skip_bad_images: bool = False  # skip unreadable images in folders instead of stopping
     shard_cache_size: str = "25GB"  # the most of a remote shards: source kept in cache_dir at once
 
@@ -44,16 +57,32 @@ class DataConfig:
             raise VitlabError(f"data.augment must be one of {', '.join(AUGMENTATIONS)}, not '{self.augment}'")
         if self.crop_padding < 0:
             raise VitlabError(f"data.crop_padding must be 0 or more, not {self.crop_padding}")
+        if self.randaugment_ops < 0:
+            raise VitlabError(f"data.randaugment_ops must be 0 or more, not {self.randaugment_ops}")
+        if not 0 <= self.randaugment_magnitude <= 30:
+            raise VitlabError(f"data.randaugment_magnitude must be between 0 and 30, not {self.randaugment_magnitude}")
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            if getattr(self, name) < 0:
+                raise VitlabError(f"data.{name} must be 0 or more, not {getattr(self, name)}")
         if not 0 < self.val_fraction < 1:
             raise VitlabError(f"data.val_fraction must be between 0 and 1, not {self.val_fraction}")
         parse_source(self.source)
 
 
-def parse_source(source: str) -> tuple[str, Path | str | None]:
-    """'cifar10' -> ('cifar10', None); 'folder:PATH' -> ('folder', PATH); 'shards:LOCATION' ->
-    ('shards', LOCATION), a folder or a bucket URL (kept as text: a Path would mangle s3://)."""
-    if source in CIFAR or source == "fake":
+FAKE_IMAGES = 2000  # the synthetic images of source `fake` (`fake:N` makes N)
+
+
+def parse_source(source: str) -> tuple[str, Path | str | int | None]:
+    """'cifar10' -> ('cifar10', None); 'fake:N' -> ('fake', N); 'folder:PATH' -> ('folder', PATH);
+    'shards:LOCATION' -> ('shards', LOCATION), a folder or a bucket URL (kept as text: a Path would
+    mangle s3://)."""
+    if source in CIFAR:
         return source, None
+    if source == "fake" or source.startswith("fake:"):
+        count = source[len("fake:"):] if ":" in source else str(FAKE_IMAGES)
+        if not count.isdigit() or int(count) < 2:
+            raise VitlabError(f"data source '{source}': fake:N needs a number of images N of 2 or more")
+        return "fake", int(count)
     if source.startswith("folder:") and len(source) > len("folder:"):
         return "folder", Path(source[len("folder:"):]).expanduser()
     if source.startswith("shards:") and len(source) > len("shards:"):
@@ -101,7 +130,7 @@ def load_train_val(config: DataConfig, image_size: int) -> tuple[ImageSet, Image
     if kind in CIFAR:
         images = load_cifar(kind, config, image_size, train=True)
     elif kind == "fake":
-        images = make_fake(image_size=image_size)
+        images = make_fake(num_images=path, image_size=image_size)
     else:
         images = load_folder(path, config, image_size)
         sibling = path.resolve().parent / "val"
@@ -131,7 +160,7 @@ def load_eval_set(config: DataConfig, image_size: int, classes: list[str], held_
         image_set = load_cifar(kind, config, image_size, train=False)
     else:
         image_set = load_folder(path, config, image_size)
-    return align_classes(image_set, classes, f"data folder {path}" if path else config.source)
+    return align_classes(image_set, classes, f"data folder {path}" if kind == "folder" else config.source)
 
 
 def shard_cache(config: DataConfig) -> Path:
@@ -140,25 +169,21 @@ def shard_cache(config: DataConfig) -> Path:
 
 
 class ImageTensorDataset(Dataset):
-    """Whole batches of an in-memory ImageSet: `index` is a list of indices, so a batch is one
-    indexing operation; a per-sample transform (the `tutorial` augmentation) runs on each image."""
+    """Whole batches of an in-memory ImageSet: `index` is a tensor of indices (on the images'
+    device), so a batch is one indexing operation where the images live."""
 
-    def __init__(self, image_set: ImageSet, transform=None):
+    def __init__(self, image_set: ImageSet):
         self.image_set = image_set
-        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.image_set)
 
-    def __getitem__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        images = self.image_set.images[indices]
-        if self.transform is not None:
-            images = torch.stack([self.transform(image) for image in images])
-        return images, self.image_set.labels[indices]
+    def __getitem__(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.image_set.images[indices], self.image_set.labels[indices]
 
 
-class EpochBatches(Sampler[list[int]]):
-    """The batches one process takes in one epoch, as lists of indices.
+class EpochBatches(Sampler[torch.Tensor]):
+    """The batches one process takes in one epoch, as tensors of indices on `device`.
 
     Shuffled, the order is a permutation seeded by (seed, epoch), so any epoch's order can be made
     again: that is what lets a run resume part-way through an epoch without taking the batches it
@@ -168,11 +193,14 @@ class EpochBatches(Sampler[list[int]]):
     does not fill a batch on every process), and every process takes the same number of batches, as
     DDP's all-reduce needs. Training drops the last partial batch (every step sees a full batch, and
     compiled, one shape), except in one process with fewer images than a batch. Unshuffled
-    (validation), batches are in order, every image once, the last one partial."""
+    (validation), batches are in order, every image once, the last one partial.
+    The order is made on the CPU (the same on every device) and copied to `device` once per epoch:
+    indices copied per batch would make each step wait for the GPU."""
 
-    def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1):
+    def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1,
+                 device: torch.device | str = "cpu"):
         self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.device = rank, world, device
         self.epoch = 0
         self.skip = 0  # batches of this epoch already taken before a resume
         if shuffle and world > 1 and size < world * batch_size:
@@ -192,7 +220,7 @@ class EpochBatches(Sampler[list[int]]):
         """All processes' batches of this epoch, in order."""
         order = (torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
                  if self.shuffle else torch.arange(self.size))
-        return list(order[:self.total() * self.batch_size].split(self.batch_size))
+        return list(order[:self.total() * self.batch_size].to(self.device).split(self.batch_size))
 
     def __len__(self) -> int:
         return len(range(self.rank, self.total(), self.world))
@@ -200,19 +228,18 @@ class EpochBatches(Sampler[list[int]]):
     def __iter__(self):
         mine = self.batches()[self.rank::self.world]
         start, self.skip = self.skip, 0
-        for batch in mine[start:]:
-            yield batch.tolist()
+        yield from mine[start:]
 
 
 class ResumableLoader(DataLoader):
     """A DataLoader over EpochBatches that counts the batches training has taken, so a checkpoint
-    records where in the epoch it was made (Lightning saves `state_dict` of loaders that have one)."""
+    records where in the epoch it was made (Lightning saves `state_dict` of loaders that have one).
+    The images already live on the training device: no worker processes, no pinned copies."""
 
-    def __init__(self, dataset: ImageTensorDataset, batches: EpochBatches, num_workers: int = 0):
+    def __init__(self, dataset: ImageTensorDataset, batches: EpochBatches):
         # Its own generator: starting an epoch's iterator then draws nothing from the global random
         # state, which a resumed run restores from its checkpoint for augmentation and dropout.
-        super().__init__(dataset, sampler=batches, batch_size=None, num_workers=num_workers,
-                         persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
+        super().__init__(dataset, sampler=batches, batch_size=None,
                          generator=torch.Generator().manual_seed(batches.seed))
         self.taken = 0
 
@@ -230,8 +257,10 @@ class ResumableLoader(DataLoader):
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Loaders yield uint8 batches; augmentation and normalisation happen after transfer to the device.
-    `seed` fixes the training order of every epoch."""
+    """Loaders yield uint8 batches; augmentation and normalisation happen on whole batches on the
+    training device (airbench's idea: no per-image work on the host). In-memory images live on that
+    device too, so a batch is one indexing operation there; streamed (shards:) batches are decoded in
+    loader workers and copied. `seed` fixes the training order of every epoch."""
 
     def __init__(self, config: DataConfig, image_size: int, seed: int = 0):
         super().__init__()
@@ -260,31 +289,33 @@ class ImageDataModule(L.LightningDataModule):
     def classes(self) -> list[str]:
         return self.manifest.classes if self.manifest is not None else self.train_set.classes
 
-    def shard_loader(self, indices: list[int], train: bool, transform=None):
-        """A streaming loader over part of a pack: decoding (and per-sample augmentation) in the
-        loader's workers, split across ranks and workers by LitData, resumable mid-epoch."""
+    def shard_loader(self, indices: list[int], train: bool):
+        """A streaming loader over part of a pack: decoding in the loader's workers, split across
+        ranks and workers by LitData, resumable mid-epoch."""
         from vitlab.data import shards
 
         dataset = shards.shard_dataset(parse_source(self.config.source)[1], self.image_size, indices, shuffle=train,
-                                       seed=self.seed, transform=transform, cache_dir=shard_cache(self.config),
+                                       seed=self.seed, cache_dir=shard_cache(self.config),
                                        max_cache_size=self.config.shard_cache_size)
         return shards.shard_loader(dataset, self.config.batch_size, self.config.num_workers)
 
+    def in_memory_loader(self, image_set: ImageSet, train: bool) -> ResumableLoader:
+        """Batches of image_set, which is copied to the training device once (one copy per loader)."""
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        on_device = ImageSet(image_set.images.to(device), image_set.labels.to(device), image_set.classes)
+        batches = EpochBatches(len(image_set), self.config.batch_size, shuffle=train, seed=self.seed,
+                               device=device, **self.shard())
+        return ResumableLoader(ImageTensorDataset(on_device), batches)
+
     def train_dataloader(self):
-        transform = None
-        if self.config.augment == "tutorial":
-            transform = tutorial_transform(self.image_size, self.config.autoaugment)
         if self.manifest is not None:
-            return self.shard_loader(self.train_indices, train=True, transform=transform)
-        batches = EpochBatches(len(self.train_set), self.config.batch_size, shuffle=True, seed=self.seed,
-                               **self.shard())
-        return ResumableLoader(ImageTensorDataset(self.train_set, transform), batches, self.config.num_workers)
+            return self.shard_loader(self.train_indices, train=True)
+        return self.in_memory_loader(self.train_set, train=True)
 
     def val_dataloader(self):
         if self.manifest is not None:
             return self.shard_loader(self.val_indices, train=False)
-        batches = EpochBatches(len(self.val_set), self.config.batch_size, shuffle=False, **self.shard())
-        return ResumableLoader(ImageTensorDataset(self.val_set), batches)
+        return self.in_memory_loader(self.val_set, train=False)
 
     def shard(self) -> dict:
         """This process's share of the data: its rank among the training processes."""
@@ -292,8 +323,27 @@ class ImageDataModule(L.LightningDataModule):
             return {"rank": 0, "world": 1}
         return {"rank": self.trainer.global_rank, "world": self.trainer.world_size}
 
+    def augment(self, images: torch.Tensor) -> torch.Tensor:
+        """A uint8 batch (B, C, H, W) augmented as data.augment, autoaugment and randaugment_* say."""
+        c = self.config
+        if c.augment == "crop-flip":
+            images = random_crop_flip(images, c.crop_padding)
+        elif c.augment == "tutorial":
+            images = tutorial_geometry(images)
+        if c.autoaugment:
+            images = auto_augment_cifar10(images)
+        if c.randaugment_ops:
+            images = rand_augment(images, c.randaugment_ops, c.randaugment_magnitude)
+        return images
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Training batches come out as (normalised images, targets): class indices (B,), or class
+        probabilities (B, num_classes) when mixup/CutMix blends images and their labels."""
         images, labels = batch
-        if self.trainer is not None and self.trainer.training and self.config.augment == "crop-flip":
-            images = random_crop_flip(images, self.config.crop_padding)
-        return normalize(images, self.mean, self.std), labels
+        training = self.trainer is not None and self.trainer.training
+        if training:
+            images = self.augment(images)
+        images = normalize(images, self.mean, self.std)
+        if training and (self.config.mixup_alpha or self.config.cutmix_alpha):
+            images, labels = mix(images, labels, len(self.classes), self.config.mixup_alpha, self.config.cutmix_alpha)
+        return images, labels

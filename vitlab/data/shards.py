@@ -9,10 +9,10 @@ JPEG or PNG file already at the image size is kept byte for byte, anything else 
 LitData reads a chunk's items together, so chunks of one class each would make batches of one class.
 
 `shard_dataset` streams a pack from a local folder or a bucket (s3://, gs://, ...; remote chunks go
-through a bounded local cache) as (uint8 image (3, S, S), int64 label) items, decoded (and, with a
-per-sample transform, augmented) in the loader's workers; `shard_loader` batches them like the
-in-memory loader, split across ranks and workers, and its `state_dict` lets a run resume part-way
-through an epoch.
+through a bounded local cache) as (uint8 image (3, S, S), int64 label) items, decoded in the
+loader's workers (augmentation is batched on the training device, as for in-memory data);
+`shard_loader` batches them like the in-memory loader, split across ranks and workers, and its
+`state_dict` lets a run resume part-way through an epoch.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import tempfile
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
 from PIL import Image
@@ -184,11 +183,9 @@ class NamedBytes(io.BytesIO):
         return self.name
 
 
-def decode_item(item: dict, image_size: int, transform: Callable | None, names: bool) -> tuple:
+def decode_item(item: dict, image_size: int, names: bool) -> tuple:
     """A stored item -> (uint8 image (3, S, S), label[, name]); run in the loader's workers."""
     image = read_image(NamedBytes(item["image"], item["name"]), image_size)
-    if transform is not None:
-        image = transform(image)
     return (image, item["label"], item["name"]) if names else (image, item["label"])
 
 
@@ -249,7 +246,7 @@ def split_indices(count: int, fraction: float, seed: int) -> tuple[list[int], li
 
 
 def shard_dataset(location: str, image_size: int, indices: list[int] | None = None, shuffle: bool = False,
-                  seed: int = 0, transform: Callable | None = None, names: bool = False,
+                  seed: int = 0, names: bool = False,
                   cache_dir: Path | None = None, max_cache_size: str = "25GB") -> litdata.StreamingDataset:
     """The items of a pack (those at `indices`, else all) as (uint8 image (3, S, S), label) pairs,
     or triples with the item's name. Shuffled by (seed, epoch) when asked. A remote pack's chunks
@@ -258,7 +255,7 @@ def shard_dataset(location: str, image_size: int, indices: list[int] | None = No
         dataset = litdata.StreamingDataset(
             location, cache_dir=str(cache_dir) if cache_dir and is_remote(location) else None, shuffle=shuffle,
             seed=seed, max_cache_size=max_cache_size,
-            transform=partial(decode_item, image_size=image_size, transform=transform, names=names),
+            transform=partial(decode_item, image_size=image_size, names=names),
         )
     except (ValueError, AssertionError, OSError) as e:  # LitData checks some inputs with assert
         raise VitlabError(f"cannot read shards {location}: {' '.join(str(e).split())}") from None
