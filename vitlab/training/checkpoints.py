@@ -165,18 +165,40 @@ class BestCheckpoint(L.Callback):
 
 
 class DivergenceGuard(L.Callback):
-    """Stops training at the first non-finite loss, naming the step and the last good checkpoint,
-    before any checkpoint of the diverged weights can be written."""
+    """Stops training at the first non-finite loss, naming its step and the last good checkpoint,
+    before any checkpoint of the diverged weights can be written.
+
+    Reading the loss on the host waits for the GPU to finish every queued step, so the first
+    non-finite step is recorded on the device and read only when Lightning writes its logs (every
+    trainer.log_every_n_steps, a read it makes anyway), at the end of each epoch and before every
+    checkpoint: a diverged run trains at most that many steps further, and they are never saved."""
 
     def __init__(self, last: Path):
         self.last = last
+        self.first_bad = None  # () int64 on the loss's device: the first step with a non-finite loss, or -1
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        diverged = not torch.isfinite(loss)
+        if self.first_bad is None:
+            self.first_bad = torch.tensor(-1, device=loss.device)
+        bad = ~torch.isfinite(loss.detach()) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, trainer.global_step, self.first_bad)
+        if trainer.global_step % trainer.log_every_n_steps == 0:
+            self.check(trainer)
+
+    def on_train_epoch_end(self, trainer, module):
+        self.check(trainer)
+
+    def on_save_checkpoint(self, trainer, module, checkpoint):
+        self.check(trainer)
+
+    def check(self, trainer):
+        if self.first_bad is None:
+            return
+        step = int(self.first_bad)
         if trainer.world_size > 1:  # all processes stop together, or the others would wait forever
-            diverged = trainer.strategy.reduce_boolean_decision(diverged, all=False)
-        if diverged:
+            step = int(trainer.strategy.reduce(torch.tensor(step, device=self.first_bad.device), reduce_op="max"))
+        if step >= 0:
             good = f"the last good checkpoint is {self.last}" if self.last.is_file() else "no checkpoint was written"
-            raise VitlabError(f"training diverged: the loss is not finite at step {trainer.global_step}; "
+            raise VitlabError(f"training diverged: the loss is not finite at step {step}; "
                               f"{good} (try a lower optim.lr or trainer.gradient_clip)")

@@ -74,7 +74,9 @@ class Classifier(L.LightningModule):
         self.optim = OptimConfig(**optim)
         self.val_tta = val_tta
         self.val_acc = MulticlassAccuracy(len(class_names), average="micro")
-        self.val_loss = MeanMetric()  # the mean over images, exact when summed across processes
+        # The mean over images, exact when summed across processes; no NaN check (it would read the
+        # value back from the GPU at every batch: a diverged run is the DivergenceGuard's to catch).
+        self.val_loss = MeanMetric(nan_strategy="disable")
         # The epoch's training loss and accuracy as running sums (loss x images, correct, images), kept
         # on the device (no host sync per step) and saved in checkpoints, so that an epoch resumed
         # part-way through reports the same numbers as one that ran straight through.
@@ -84,13 +86,18 @@ class Classifier(L.LightningModule):
         return self.model(images)
 
     def training_step(self, batch, batch_idx):
-        images, labels = batch
+        images, targets = batch  # targets: class indices (B,), or class probabilities (B, K) after mixup/CutMix
         logits = self.model(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.optim.label_smoothing)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.optim.label_smoothing)
+        labels = targets.argmax(-1) if targets.ndim == 2 else targets  # a mixed image counts as its larger part
         self.train_sums[0] += loss.detach().double() * len(labels)
         self.train_sums[1] += (logits.argmax(-1) == labels).sum()
         self.train_sums[2] += len(labels)
-        self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        # Logged only at the steps Lightning writes its logs (every trainer.log_every_n_steps): a log
+        # call costs host time, and Lightning reads the value then (on the progress bar it would read it,
+        # waiting for the GPU, every step).
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self.log("train_loss", loss, on_step=True, on_epoch=False)
         return loss
 
     def on_train_epoch_start(self):
@@ -168,7 +175,8 @@ class Classifier(L.LightningModule):
         groups = param_groups(self.model, o.weight_decay, scale)
         for group in groups:
             group["lr"] = o.lr * group.pop("lr_scale")
-        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2))
+        # fused: one kernel for the whole update on a GPU, instead of several per parameter.
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), fused=self.device.type == "cuda")
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(self.training_progress(step), o.warmup, o.min_lr / o.lr)
         )

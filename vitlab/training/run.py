@@ -237,7 +237,7 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
         plugins=[AtomicCheckpointIO()],
         enable_checkpointing=False,  # vitlab's own LastCheckpoint and BestCheckpoint write the checkpoints
         logger=TensorBoardLogger(save_dir=run_dir, name="", version="tensorboard"),
-        log_every_n_steps=10,
+        log_every_n_steps=50,  # each log reads values back from the GPU: not every step
         num_sanity_val_steps=0,
         check_val_every_n_epoch=t.val_every_n_epochs,
     )
