@@ -127,11 +127,10 @@ def test_classifier_is_rebuilt_from_the_hyperparameters_it_saves():
 
 def single_process(classifier: Classifier) -> Classifier:
     """classifier as Lightning's one-process trainer shows it to the hooks that ask for processes."""
-    classifier.trainer = SimpleNamespace(world_size=1, global_rank=0)
+    classifier.trainer = SimpleNamespace(world_size=1, global_rank=0, global_step=0, log_every_n_steps=50)
     return classifier
 
 
-@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 def test_training_step_returns_the_loss_and_keeps_the_epoch_sums():
     torch.manual_seed(0)
     classifier = micro_classifier(label_smoothing=0.2)
@@ -143,8 +142,7 @@ def test_training_step_returns_the_loss_and_keeps_the_epoch_sums():
         images = torch.randn(size, 3, 8, 8)
         logits = classifier.model(images)
         labels = logits.argmax(-1) if i == 0 else torch.arange(size) % 3  # the lone first image is right
-        classifier.trainer = None  # self.log needs a real trainer; without one it only warns
-        loss = classifier.training_step((images, labels), i)
+        loss = single_process(classifier).training_step((images, labels), i)  # step 0: nothing to log
         torch.testing.assert_close(loss, F.cross_entropy(logits, labels, label_smoothing=0.2))
         seen, loss_sum = seen + size, loss_sum + loss.item() * size
         correct += (logits.argmax(-1) == labels).sum().item()
@@ -156,9 +154,21 @@ def test_training_step_returns_the_loss_and_keeps_the_epoch_sums():
     assert classifier.train_metrics() == {"train_loss": 0.0, "train_acc": 0.0}
 
 
-@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_training_step_learns_from_mixed_labels():
+    # After mixup/CutMix the targets are class probabilities; accuracy counts each image's larger part.
+    torch.manual_seed(0)
+    classifier = single_process(micro_classifier(label_smoothing=0.1))
+    images = torch.randn(3, 3, 8, 8)
+    targets = torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.4, 0.6], [0.2, 0.0, 0.8]])
+    logits = classifier.model(images)
+    loss = classifier.training_step((images, targets), 0)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, targets, label_smoothing=0.1))
+    assert classifier.train_sums[1] == (logits.argmax(-1) == torch.tensor([0, 2, 2])).sum()
+    assert classifier.train_sums[2] == 3
+
+
 def test_epoch_sums_count_exactly_past_2_to_the_24_images():
-    classifier = micro_classifier()
+    classifier = single_process(micro_classifier())
     classifier.train_sums[2] = 2**24  # where float32 stops counting in ones
     classifier.training_step((torch.randn(1, 3, 8, 8), torch.tensor([0])), 0)
     assert classifier.train_sums[2].item() == 2**24 + 1
@@ -206,14 +216,17 @@ def test_a_short_fit_logs_its_losses_and_follows_the_schedule():
 
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        callbacks=[Record()])
+                        log_every_n_steps=2, callbacks=[Record()])
     trainer.fit(classifier, DataLoader(TensorDataset(images, labels), batch_size=2),
                 DataLoader(TensorDataset(images[:5], labels[:5]), batch_size=3))
     # 4 steps: linear warm-up over the first half, then a cosine from lr down to min_lr at the end.
     assert lrs == pytest.approx([0.0, 0.05, 0.1, 0.01 + 0.09 * 0.5 * (1 + math.cos(math.pi * 0.5))])
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01)
-    # The training loss per step, validation loss and accuracy per epoch, all on the progress bar.
-    assert set(trainer.progress_bar_metrics) == set(trainer.logged_metrics) == {"train_loss", "val_loss", "val_acc"}
+    # The training loss at the steps the logs are written (every 2nd here, the last one included),
+    # validation loss and accuracy per epoch; only the latter on the progress bar, which reads its
+    # values at every step.
+    assert set(trainer.logged_metrics) == {"train_loss", "val_loss", "val_acc"}
+    assert set(trainer.progress_bar_metrics) == {"val_loss", "val_acc"}
     assert trainer.logged_metrics["train_loss"].item() == pytest.approx(losses[-1])
     assert classifier.train_metrics()["train_loss"] == pytest.approx(sum(losses) / 4)
     # Validation scores the test-time views (here flip), over all 5 images of its two batches.
@@ -517,3 +530,63 @@ def test_saved_config_reads_in_field_order_and_errors_name_the_file(tmp_path):
     path.write_text("model: {width: 3}")
     with pytest.raises(VitlabError, match=f"^unknown config key 'model.width' in {re.escape(str(path))} "):
         configs.load(path)
+
+
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy")
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch):
+    """On a GPU every read of a tensor on the host (.item(), bool(), ...) waits for all queued work:
+    a training step that reads nothing lets the GPU run ahead. Counted here on the CPU for every
+    read between one step's start and the next (loading, augmentation, mixup, step, callbacks,
+    Lightning's logging), except at the steps where Lightning writes its logs and the epochs' ends."""
+    import traceback
+
+    import vitlab
+
+    reads: list[str] = []
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            stack = traceback.extract_stack()[:-1]
+            # Reads of tensors made on the host by design: the optimiser's step counts, mixup's λ and box.
+            on_host = any(f.filename.endswith(("optimizer.py", "adam.py", "adamw.py"))
+                          or (f.filename.endswith("augment.py") and f.name == "mix") for f in stack)
+            if not on_host:
+                reads.append(f"{_name} at {stack[-1].filename}:{stack[-1].lineno}")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    steps: dict[int, list[str]] = {}
+
+    def on_train_batch_start(module, batch, batch_idx):
+        if 0 < batch_idx and module.global_step % module.trainer.log_every_n_steps != 0:
+            steps[module.global_step] = list(reads)  # what the step before this one read
+        reads.clear()
+
+    monkeypatch.setattr(Classifier, "on_train_batch_start", on_train_batch_start)
+    vitlab.train("smoke", "fake:800", max_epochs=2, run_dir=tmp_path / "run",
+                 overrides={"data.batch_size": 16, "data.augment": "tutorial", "data.autoaugment": True,
+                            "data.randaugment_ops": 2, "data.mixup_alpha": 0.8, "data.cutmix_alpha": 1.0,
+                            "model.drop_path": 0.1, "trainer.checkpoint_every": "01:00:00"})
+    assert len(steps) > 60
+    assert {step: r for step, r in steps.items() if r} == {}
+
+
+def test_the_gpu_5min_preset_trains_in_fp32_on_a_cpu(tmp_path):
+    """The 5-minute GPU recipe, a few steps on the CPU (uncompiled, to keep the test short): its model
+    (conv tokenizer, sequence pooling, stochastic depth), batched RandAugment and mixup/CutMix at its
+    batch of 512, and the final validation with its test-time augmentation."""
+    import vitlab
+    from vitlab.training.run import default_precision
+
+    run = vitlab.train("gpu-5min", "fake:1200", max_epochs=1, run_dir=tmp_path / "run",
+                       overrides={"trainer.max_time": None, "trainer.compile": False})
+    c = run.config
+    assert (c.model.tokenizer, c.model.pool, c.model.drop_path, c.data.batch_size) == ("conv", "attention", 0.1, 512)
+    assert (c.data.randaugment_ops, c.data.mixup_alpha, c.data.cutmix_alpha, c.trainer.val_tta) == (2, 0.8, 1.0, "flip-shift")
+    assert c.trainer.precision == "auto" and default_precision() == "32-true"
+    rows = run.metrics
+    assert [int(r["step"]) for r in rows] == [2]  # 1,080 training images: two full batches of 512
+    assert math.isfinite(float(rows[0]["train_loss"])) and 0 <= float(rows[0]["val_acc"]) <= 1
