@@ -89,3 +89,53 @@ def test_dropout_on_cuda_keeps_nn_dropout_statistics():
     assert y.device.type == "cuda"
     assert (y == 0).float().mean().item() == pytest.approx(0.25, abs=0.005)
     assert y[y != 0].unique().tolist() == pytest.approx([1 / 0.75])
+
+
+def test_training_steps_on_cuda_never_wait_for_the_gpu(tmp_path, monkeypatch):
+    """CUDA's sync debug mode raises at any operation that makes the host wait for the GPU (.item(),
+    a copy to the host, a pageable copy to the device, nonzero, ...). It is on from one step's start
+    to the next, for every step but the first epoch's (which compile), each epoch's first (whose loader
+    copies the epoch's order to the GPU) and last (whose end reads the epoch's metrics) and those where
+    Lightning writes its logs, with every batched augmentation and mixup on."""
+    import vitlab
+    from vitlab.training.module import Classifier
+
+    strict_steps = []
+
+    def on_train_batch_start(module, batch, batch_idx):
+        trainer = module.trainer
+        strict = (trainer.current_epoch > 0 and 0 < batch_idx < trainer.num_training_batches - 1
+                  and (module.global_step + 1) % trainer.log_every_n_steps != 0)
+        torch.cuda.set_sync_debug_mode("error" if strict else "default")
+        strict_steps.append(strict)
+
+    monkeypatch.setattr(Classifier, "on_train_batch_start", on_train_batch_start)
+    try:
+        vitlab.train("smoke", "fake:1200", max_epochs=3, run_dir=tmp_path / "run",
+                     overrides={"data.batch_size": 32, "data.augment": "tutorial", "data.autoaugment": True,
+                                "data.randaugment_ops": 2, "data.mixup_alpha": 0.8, "data.cutmix_alpha": 1.0,
+                                "model.drop_path": 0.1, "trainer.compile": True, "trainer.accelerator": "gpu",
+                                "trainer.checkpoint_every": "01:00:00"})
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert sum(strict_steps) > 50
+
+
+@pytest.mark.parametrize("op", range(15))
+def test_augmentation_ops_on_cuda_equal_the_cpu(op):
+    from vitlab.data.augment import OPS, apply_op
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    magnitude = torch.linspace(-0.9, 0.9, 64) if OPS[op] not in ("Posterize", "Solarize") else torch.linspace(0, 1, 64)
+    if OPS[op] == "Posterize":
+        magnitude = torch.arange(64) % 8 + 1.0
+    elif OPS[op].startswith(("Translate", "Rotate")):
+        magnitude = magnitude * 10
+    choice = torch.full((64,), op)
+    on_cpu = apply_op(images, choice, magnitude)
+    on_cuda = apply_op(images.cuda(), choice.cuda(), magnitude.cuda()).cpu()
+    # Blends may round a value differently on the two devices (one level); resampling may pick another
+    # source pixel where a sample point falls on a pixel edge.
+    differ = (on_cuda.int() - on_cpu.int()).abs()
+    assert (differ > 1).float().mean() < 0.005 and differ.float().mean() < 0.05

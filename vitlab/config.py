@@ -33,7 +33,7 @@ class TrainerConfig:
     precision: str = "auto"  # auto = bf16-mixed on CUDA, 32-true on CPU; or any Lightning precision
     early_stopping_patience: int | None = None  # epochs without val_loss improvement; None = off
     seed: int = 0
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the model (and, on a GPU, the batched augmentation)
     gradient_clip: float | None = None  # clip the gradient norm to this value
     val_every_n_epochs: int = 1  # validate every n epochs; the final weights are always validated
     val_tta: str = "none"  # validate with test-time augmentation: none, flip or flip-shift (as `vitlab eval --tta`)

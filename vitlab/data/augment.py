@@ -24,6 +24,7 @@ from vitlab.errors import VitlabError
 AUGMENTATIONS = ("crop-flip", "tutorial", "none")
 
 
+@torch.compiler.disable  # a cached table, built outside any compiled graph (as the two below)
 @lru_cache(maxsize=16)
 def pixel_statistics(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> torch.Tensor:
     """mean and std (in [0, 1] units) as two (1, C, 1, 1) tensors in pixel units on device: built once
@@ -289,6 +290,7 @@ def _magnitude(name: str, magnitude: float, num_bins: int, height: int, width: i
     return float(torch.lerp(values[low], values[low + 1], magnitude - low))
 
 
+@torch.compiler.disable
 @lru_cache(maxsize=16)
 def _rand_augment_table(magnitude: float, num_bins: int, height: int, width: int, device: torch.device):
     """Every op's magnitude and sign flag as (len(OPS),) tensors on device, made once, not per batch (a
@@ -345,6 +347,7 @@ CIFAR10_POLICY = (
 )
 
 
+@torch.compiler.disable
 @lru_cache(maxsize=16)
 def _cifar10_table(height: int, width: int, device: torch.device):
     """The policy as (25, 2) tensors on device: op index, probability, magnitude, signed."""

@@ -186,7 +186,8 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
         config = dataclasses.replace(config, model=init_config(config.model, source))
     L.seed_everything(config.trainer.seed, workers=True, verbose=False)
 
-    datamodule = ImageDataModule(config.data, config.model.image_size, seed=config.trainer.seed)
+    datamodule = ImageDataModule(config.data, config.model.image_size, seed=config.trainer.seed,
+                                 compile=config.trainer.compile)
     datamodule.setup("fit")
     if writer:
         if resume:
