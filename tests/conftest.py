@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# A tiny model and batch for end-to-end runs on small data.
+TINY = ["model.dim=32", "model.depth=1", "model.heads=2", "model.patch_size=8", "data.batch_size=8"]
+
 CLASS_COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 
 

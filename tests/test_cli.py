@@ -17,9 +17,8 @@ from safetensors.torch import save_file
 from vitlab import ViT, load_model
 from vitlab.cli import main
 from vitlab.data.datamodule import DataConfig, load_eval_set
-from tests.conftest import write_image_folder
+from tests.conftest import TINY, write_image_folder
 
-TINY = ["model.dim=32", "model.depth=1", "model.heads=2", "model.patch_size=8", "data.batch_size=8"]
 
 
 def run_cli(capsys, *argv):

@@ -10,8 +10,7 @@ from vitlab.cli import main
 from vitlab.evaluation import predict_logits
 from vitlab.model import Dropout
 from vitlab.training.run import default_precision
-from tests.conftest import write_image_folder
-from tests.test_cli import TINY
+from tests.conftest import TINY, write_image_folder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -139,3 +138,13 @@ def test_augmentation_ops_on_cuda_equal_the_cpu(op):
     # source pixel where a sample point falls on a pixel edge.
     differ = (on_cuda.int() - on_cpu.int()).abs()
     assert (differ > 1).float().mean() < 0.005 and differ.float().mean() < 0.05
+
+
+def test_gradient_clipping_under_bf16_on_cuda(tmp_path):
+    # Lightning refuses to clip a fused optimiser's gradients under mixed precision: clipped runs
+    # take the unfused AdamW.
+    import vitlab
+
+    run = vitlab.train("smoke", "fake:400", max_epochs=1, run_dir=tmp_path / "run",
+                       overrides={"trainer.gradient_clip": 1.0, "trainer.accelerator": "gpu"})
+    assert run.accuracy is not None

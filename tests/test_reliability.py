@@ -250,3 +250,29 @@ def test_a_time_budget_run_resumes_with_the_time_it_had_left(images, tmp_path, c
     assert run_cli(capsys, *args, "--resume")[0] == 0
     # The run's training time, across both processes, is the budget (plus the final validation).
     assert 6 <= float(read_rows(tmp_path / "run")[-1]["elapsed_s"]) < 8
+
+
+def test_last_checkpoint_is_written_when_due_and_when_training_ends(images, tmp_path, capsys, monkeypatch):
+    # Not at every epoch's end: with a 10-minute interval, a 3-epoch run of seconds writes it once,
+    # at its end; with a time limit, at the end too, whenever in the epoch the limit falls.
+    from vitlab.training.checkpoints import AtomicCheckpointIO
+
+    written = []
+    save = AtomicCheckpointIO.save_checkpoint
+
+    def recording_save(self, checkpoint, path, storage_options=None):
+        written.append((os.path.basename(path), checkpoint["global_step"]))
+        return save(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", recording_save)
+    run_dir = tmp_path / "run"
+    assert run_cli(capsys, *train_args(images, run_dir, "--max-epochs", "3", "trainer.checkpoint_every=00:10:00"))[0] == 0
+    assert [step for name, step in written if name == "last.ckpt"] == [27]
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 27
+    written.clear()
+    run_dir = tmp_path / "timed"
+    assert run_cli(capsys, *train_args(images, run_dir, "--max-time", "00:00:02", "trainer.max_epochs=null",
+                                       "trainer.checkpoint_every=00:10:00"))[0] == 0
+    steps = [step for name, step in written if name == "last.ckpt"]
+    rows = read_rows(run_dir)
+    assert len(steps) == 1 and steps[0] == int(rows[-1]["step"]) > 0 and rows[-1]["val_acc"]

@@ -255,6 +255,7 @@ def test_training_progress_is_the_further_of_steps_and_time():
     def progress(step, total_steps, *callbacks):
         classifier.trainer = SimpleNamespace(estimated_stepping_batches=total_steps, callbacks=list(callbacks),
                                              world_size=1)
+        classifier.schedule_start = 0.0  # as if the first step had taken no time
         return classifier.training_progress(step)
 
     assert progress(3, 12) == 0.25
@@ -263,6 +264,22 @@ def test_training_progress_is_the_further_of_steps_and_time():
     assert progress(6, 12, timer(0.2, 0.6)) == 0.5
     assert progress(3, 12, timer(1.5, 0.5)) == 0.75
     assert progress(15, 12) == 1.0 and progress(3, math.inf, timer(5.0, 0.0)) == 1.0
+
+
+def test_the_time_schedule_starts_when_the_first_step_ends_and_resumes_from_its_checkpoint():
+    # The first step compiles: by time, the schedule spans the training after it.
+    classifier = micro_classifier()
+    classifier.trainer = SimpleNamespace(estimated_stepping_batches=math.inf, world_size=1,
+                                         callbacks=[timer(40.0, 270.0)])  # 40 s compiling, 270 s left
+    assert classifier.training_progress(1) == 0.0
+    classifier.trainer.callbacks = [timer(175.0, 135.0)]
+    assert classifier.training_progress(500) == pytest.approx(0.5)
+    checkpoint = {}
+    single_process(classifier).on_save_checkpoint(checkpoint)
+    resumed = single_process(micro_classifier())
+    resumed.on_load_checkpoint(checkpoint)
+    resumed.trainer.estimated_stepping_batches, resumed.trainer.callbacks = math.inf, [timer(175.0, 135.0)]
+    assert resumed.training_progress(501) == pytest.approx(0.5)  # not restarted by the resumed run's first step
 
 
 class TwoProcesses:
@@ -333,6 +350,7 @@ def test_checkpoint_gathers_the_random_state_of_every_process(monkeypatch):
 
 def test_processes_follow_the_first_process_clock():
     classifier = micro_classifier()
+    classifier.schedule_start = 0.0
     for rank, expected in ((0, 0.25), (1, 0.5)):  # process 1's own clock would say 0.25 too
         two_processes(classifier, rank, 0.5, estimated_stepping_batches=math.inf, callbacks=[timer(0.2, 0.6)])
         assert classifier.training_progress(3) == pytest.approx(expected)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from vitlab.data.augment import flip_translate, normalize
 from vitlab.data.sources import ImageSet
@@ -29,8 +30,10 @@ def tta_views(name: str) -> list[tuple[bool, int, int]]:
     return TTA_VIEWS[name]
 
 
-def tta_logits(model: nn.Module, images: torch.Tensor, views: str = "none") -> torch.Tensor:
-    """The mean logits (B, num_classes) over the TTA_VIEWS[views] of each image (B, C, H, W).
+def tta_logits(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+               views: str = "none") -> torch.Tensor:
+    """The mean logits (B, num_classes) over the TTA_VIEWS[views] of each image (B, C, H, W), by
+    model (a module, or any function from images to logits).
     All views go through the model as one batch: one forward pass, not one per view (exact, as the
     model is in eval mode: BatchNorm uses its running statistics, not the batch's)."""
     view_list = tta_views(views)

@@ -98,19 +98,21 @@ class StopRequests:
 
 
 class LastCheckpoint(L.Callback):
-    """last.ckpt: the training state to resume from, written at the end of every epoch, every
-    `interval_s` seconds of training part-way through one, and on a stop request (then training ends
-    with `Interrupted`)."""
+    """last.ckpt: the training state to resume from, written every `interval_s` seconds of training
+    (after the batch or at the end of the epoch where it falls due), when training ends, and on a
+    stop request (then training ends with `Interrupted`). Not at every epoch's end: on a GPU an
+    epoch can take a second, and writing the checkpoint a fifth of one."""
 
     def __init__(self, path: Path, interval_s: float, stops: StopRequests):
         self.path = path
         self.interval_s = interval_s
         self.stops = stops
         self.saved_at = time.monotonic()
+        self.saved_step = -1
 
     def save(self, trainer: L.Trainer):
         trainer.save_checkpoint(self.path)
-        self.saved_at = time.monotonic()
+        self.saved_at, self.saved_step = time.monotonic(), trainer.global_step
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if batch_idx + 1 >= trainer.num_training_batches:
@@ -125,11 +127,18 @@ class LastCheckpoint(L.Callback):
         self.stop_if_asked(trainer, stop)
 
     def on_train_epoch_end(self, trainer, module):
-        self.save(trainer)
-        stop = self.stops.signum
+        stop, due = self.stops.signum, time.monotonic() - self.saved_at >= self.interval_s
         if trainer.world_size > 1:
-            stop = trainer.strategy.broadcast(stop, src=0)
+            stop, due = trainer.strategy.broadcast((stop, due), src=0)
+        last_epoch = trainer.should_stop or trainer.current_epoch + 1 == trainer.max_epochs
+        if due or stop is not None or last_epoch:
+            self.save(trainer)
         self.stop_if_asked(trainer, stop)
+
+    def on_train_end(self, trainer, module):
+        # A time limit can end training after this epoch's end was handled: its last steps are saved too.
+        if trainer.global_step != self.saved_step:
+            self.save(trainer)
 
     def stop_if_asked(self, trainer, stop: int | None):
         if stop is not None:

@@ -81,6 +81,7 @@ class Classifier(L.LightningModule):
         # on the device (no host sync per step) and saved in checkpoints, so that an epoch resumed
         # part-way through reports the same numbers as one that ran straight through.
         self.register_buffer("train_sums", torch.zeros(3, dtype=torch.float64), persistent=False)
+        self.schedule_start: float | None = None  # the Timer's training seconds when the first step ended
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -122,6 +123,7 @@ class Classifier(L.LightningModule):
         # With every process's random state saved, a resumed run draws the same augmentations and
         # dropout masks as one that never stopped.
         checkpoint["train_sums"] = self.train_sums.cpu()
+        checkpoint["schedule_start"] = self.schedule_start
         state = (torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
         states = [state]
         if self.trainer.world_size > 1:
@@ -132,6 +134,7 @@ class Classifier(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict):
         if "train_sums" in checkpoint:
             self.train_sums.copy_(checkpoint["train_sums"])
+        self.schedule_start = checkpoint.get("schedule_start")
         states = checkpoint.get("rng", [])
         if len(states) == self.trainer.world_size:  # a run resumed on as many processes as it had
             cpu, cuda = states[self.trainer.global_rank]
@@ -141,7 +144,9 @@ class Classifier(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         images, labels = batch
-        logits = tta_logits(self.model, images, self.val_tta)
+        # The model's forward, not its compiled call: validation is short, and compiling for evaluation
+        # (another graph, and another for the last, smaller batch) would cost more than it saves.
+        logits = tta_logits(self.model.forward, images, self.val_tta)
         self.val_acc(logits, labels)
         self.val_loss(F.cross_entropy(logits, labels, reduction="none"))
         self.log("val_loss", self.val_loss, on_epoch=True, prog_bar=True)
@@ -149,7 +154,9 @@ class Classifier(L.LightningModule):
 
     def training_progress(self, step: int) -> float:
         """Fraction of training done, in [0, 1]: by steps towards max_epochs, or by wall time towards
-        max_time, whichever is further, so the schedule always ends where training ends."""
+        max_time, whichever is further, so the schedule always ends where training ends. Time counts
+        from the end of the first step: the time before it went to compiling (a minute of a 5-minute
+        budget on a GPU), and warm-up is a fraction of the time that trains."""
         if step == 0:
             # Asking Lightning for the number of steps this early (LambdaLR asks at construction) would
             # load the train loader before a resumed run's checkpoint is restored, losing its place in
@@ -161,7 +168,10 @@ class Classifier(L.LightningModule):
         by_time = 0.0
         if timer is not None and timer.time_remaining("train") is not None:
             elapsed = timer.time_elapsed("train")
-            by_time = elapsed / max(1e-9, elapsed + timer.time_remaining("train"))
+            if self.schedule_start is None:
+                self.schedule_start = elapsed
+            trained = elapsed - self.schedule_start
+            by_time = trained / max(1e-9, trained + timer.time_remaining("train"))
             if self.trainer.world_size > 1:  # one clock for all processes, or their LRs would drift apart
                 by_time = self.trainer.strategy.broadcast(by_time, src=0)
         return min(1.0, max(by_steps, by_time))
@@ -175,8 +185,10 @@ class Classifier(L.LightningModule):
         groups = param_groups(self.model, o.weight_decay, scale)
         for group in groups:
             group["lr"] = o.lr * group.pop("lr_scale")
-        # fused: one kernel for the whole update on a GPU, instead of several per parameter.
-        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), fused=self.device.type == "cuda")
+        # fused: one kernel for the whole update on a GPU, instead of several per parameter (Lightning
+        # refuses to clip the gradients of a fused optimiser under mixed precision).
+        fused = self.device.type == "cuda" and not self.trainer.gradient_clip_val
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), fused=fused)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(self.training_progress(step), o.warmup, o.min_lr / o.lr)
         )
