@@ -39,8 +39,8 @@ class TrainerConfig:
     val_tta: str = "none"  # validate with test-time augmentation: none, flip or flip-shift (as `vitlab eval --tta`)
     ema_decay: float | None = None  # keep an exponential moving average of the weights (e.g. 0.999); it is
     # what validation scores and what checkpoints hold as the model; None = off
-    checkpoint_every: str = "00:10:00"  # also write last.ckpt this often (HH:MM:SS) part-way through an epoch,
-    # so a crash loses at most this much training; 00:00:00 = after every batch
+    checkpoint_every: str = "00:10:00"  # write last.ckpt this often (HH:MM:SS) while training (and always at
+    # its end), so a crash loses at most this much training; 00:00:00 = after every batch
     accelerator: str = "auto"  # cpu, gpu or auto (a GPU when there is one)
     devices: int | str = 1  # training processes per machine (one per GPU), or auto (every GPU); data.batch_size
     # is per process, so the global batch is batch_size x devices x num_nodes

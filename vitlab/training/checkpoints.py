@@ -2,9 +2,8 @@
 
 - `AtomicCheckpointIO` writes every checkpoint through vitlab.io (temp file + fsync + rename), so a
   crash during a write leaves the previous checkpoint whole, and refuses weights that are not finite.
-- `LastCheckpoint` keeps RUN_DIR/checkpoints/last.ckpt current: at the end of every epoch, every
-  `trainer.checkpoint_every` of wall time part-way through an epoch, and when SIGTERM, SIGINT or
-  SLURM's SIGUSR1 asks training to stop. `BestCheckpoint` keeps best.ckpt, the best validation
+- `LastCheckpoint` keeps RUN_DIR/checkpoints/last.ckpt current: every `trainer.checkpoint_every`
+  of wall time, when training ends, and when SIGTERM, SIGINT or SLURM's SIGUSR1 asks it to stop. `BestCheckpoint` keeps best.ckpt, the best validation
   accuracy so far.
 - `DivergenceGuard` stops training at the first non-finite loss.
 """

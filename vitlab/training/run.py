@@ -1,7 +1,7 @@
 """A training run: one directory holding its config, checkpoints, metrics and TensorBoard events.
 
     RUN_DIR/config.yaml                 the full resolved config
-    RUN_DIR/checkpoints/last.ckpt       written every epoch and every trainer.checkpoint_every;
+    RUN_DIR/checkpoints/last.ckpt       written every trainer.checkpoint_every and at the end;
                                         --resume continues from it
     RUN_DIR/checkpoints/best.ckpt       best validation accuracy so far (final weights included)
     RUN_DIR/metrics.csv                 one row per epoch
