@@ -24,7 +24,7 @@ declare -A SOURCE=(
 )
 declare -A TESTS=(
     [model]=tests/test_model.py
-    [augment]=tests/test_data.py
+    [augment]="tests/test_augment.py tests/test_data.py"
     [module]=tests/test_training.py
     [config]=tests/test_training.py
 )
@@ -64,7 +64,7 @@ for m in "${modules[@]}"; do
 [mutmut]
 source_paths = vitlab
 only_mutate = ${SOURCE[$m]}
-pytest_add_cli_args_test_selection = ${TESTS[$m]}
+pytest_add_cli_args_test_selection =$(printf '\n    %s' ${TESTS[$m]})
 pytest_add_cli_args = -p no:cacheprovider
 EOF
     echo "== $m: ${SOURCE[$m]} against ${TESTS[$m]}"
