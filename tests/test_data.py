@@ -158,6 +158,15 @@ def test_unknown_source_is_refused():
         DataConfig(source="imagenet")
 
 
+def test_fake_source_makes_as_many_images_as_asked():
+    assert parse_source("fake") == ("fake", 2000) and parse_source("fake:300") == ("fake", 300)
+    train, val, _, _ = load_train_val(DataConfig(source="fake:300"), 32)
+    assert (len(train), len(val)) == (270, 30)
+    for bad in ("fake:1", "fake:many", "fake:"):
+        with pytest.raises(VitlabError, match=re.escape(f"data source '{bad}': fake:N needs a number of images N of 2 or more")):
+            DataConfig(source=bad)
+
+
 def crop_flip_candidates(images: torch.Tensor, pad: int) -> dict[tuple[bool, int, int], torch.Tensor]:
     """Every crop-flip of images (B, C, H, W) with shifts up to pad, written out with F.pad:
     {(mirrored, dy, dx): float images mirrored, then moved dy rows down and dx columns right}."""
