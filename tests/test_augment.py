@@ -273,3 +273,58 @@ def test_no_value_is_read_back_from_the_device():
         assert mixed.shape == images.shape and targets.shape == (16, 10)
     with pytest.raises(Exception):
         images.sum().item()  # the check itself: a read does raise
+
+
+def test_tutorial_geometry_draws_crops_and_angles_as_torchvision(monkeypatch):
+    # The parameters each image draws: RandomResizedCrop's box (area 0.8-1 of the image, aspect 0.9-1.1,
+    # anywhere it fits, uniformly) and RandomRotation's angle (uniform in ±30°).
+    from vitlab.data import augment
+
+    drawn = {}
+    monkeypatch.setattr(augment, "flip_crop_rotate",
+                        lambda images, flip, top, left, height, width, angle: drawn.update(
+                            flip=flip, top=top, left=left, h=height, w=width, angle=angle) or images)
+    torch.manual_seed(0)
+    augment.tutorial_geometry(torch.zeros(4000, 3, 32, 32, dtype=torch.uint8))
+    top, left, h, w, angle = drawn["top"], drawn["left"], drawn["h"], drawn["w"], drawn["angle"]
+    assert (h <= 32).all() and (w <= 32).all() and (h < 32).any() and (w < 32).any()
+    area = h * w / 1024
+    assert area.min() > 0.8 - 0.04 and area.max() <= 1.0 and (area < 0.9).mean(dtype=torch.float) > 0.2
+    aspect = w / h
+    assert aspect.min() > 0.9 - 0.04 and aspect.max() < 1.1 + 0.04
+    for offset, room in ((top, 32 - h), (left, 32 - w)):
+        assert (offset >= 0).all() and (offset <= room).all() and (offset == room).any()
+        spread = offset[room > 2] / room[room > 2]  # uniform over the room: mean 1/2
+        assert 0.45 < spread.mean() < 0.55
+    assert angle.min() >= -30 and angle.max() <= 30 and angle.min() < -29.9 and angle.max() > 29.9
+    assert 0.45 < drawn["flip"].float().mean() < 0.55
+
+
+def test_cutmix_pastes_squares_of_side_root_one_minus_lam_about_their_centre():
+    torch.manual_seed(0)
+    images = torch.stack([torch.zeros(3, 32, 32), torch.ones(3, 32, 32)])
+    labels = torch.tensor([0, 1])
+    unclipped, areas = 0, []
+    for _ in range(400):
+        mixed, targets = mix(images, labels, 2, 0.0, 1.0)
+        pasted = mixed[0, 0] == 1  # image 0 gets image 1's box
+        rows, cols = pasted.any(1).nonzero().flatten(), pasted.any(0).nonzero().flatten()
+        area = int(pasted.sum())
+        areas.append(area / 1024)
+        assert targets[0, 1].item() == pytest.approx(area / 1024)
+        if area and 0 < rows[0] and rows[-1] < 31 and 0 < cols[0] and cols[-1] < 31:  # the box lies inside
+            unclipped += 1
+            assert len(rows) == len(cols) and area == len(rows) * len(cols)  # a square
+            assert len(rows) % 2 == 0  # half its side each way from its centre
+    assert unclipped > 40
+    # lam ~ Beta(1, 1): the box's area before clipping is uniform in (0, 1), mean 1/2; clipped, less.
+    assert 0.25 < sum(areas) / len(areas) < 0.5
+
+
+def test_mixup_alone_never_cuts():
+    torch.manual_seed(0)
+    images, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    for _ in range(30):
+        mixed, targets = mix(images, labels, 4, 0.8, 0.0)
+        lam = targets[0, 0].item()
+        torch.testing.assert_close(mixed, images * lam + images.flip(0) * (1 - lam))
