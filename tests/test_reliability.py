@@ -276,3 +276,31 @@ def test_last_checkpoint_is_written_when_due_and_when_training_ends(images, tmp_
     steps = [step for name, step in written if name == "last.ckpt"]
     rows = read_rows(run_dir)
     assert len(steps) == 1 and steps[0] == int(rows[-1]["step"]) > 0 and rows[-1]["val_acc"]
+
+
+def test_early_stopping_saves_the_trained_weights_not_their_average(images, tmp_path, capsys):
+    # Early stopping ends training at an epoch's end: last.ckpt is written there, with the weights as
+    # trained (resuming goes on from them) beside their EMA, not after the EMA callback has put the
+    # average in the model.
+    run_dir = tmp_path / "run"
+    args = train_args(images, run_dir, "--max-epochs", "30", "trainer.checkpoint_every=00:10:00",
+                      "trainer.early_stopping_patience=1", "trainer.ema_decay=0.9", "optim.lr=0.05")
+    assert run_cli(capsys, *args)[0] == 0
+    rows = read_rows(run_dir)
+    assert len(rows) < 30  # stopped early
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == int(rows[-1]["step"])
+    trained, average = checkpoint["current_model_state"], checkpoint["state_dict"]
+    assert any(not torch.equal(trained[k], average[k]) for k in trained if trained[k].is_floating_point())
+
+
+def test_a_checkpoint_without_a_schedule_start_counts_time_from_the_start():
+    from types import SimpleNamespace
+
+    from tests.test_training import micro_classifier, timer
+
+    classifier = micro_classifier()
+    classifier.trainer = SimpleNamespace(world_size=1, global_rank=0, estimated_stepping_batches=float("inf"),
+                                         callbacks=[timer(175.0, 135.0)])
+    classifier.on_load_checkpoint({})  # written before the schedule started after the first step
+    assert classifier.training_progress(501) == pytest.approx(175 / 310)

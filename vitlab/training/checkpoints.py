@@ -3,8 +3,8 @@
 - `AtomicCheckpointIO` writes every checkpoint through vitlab.io (temp file + fsync + rename), so a
   crash during a write leaves the previous checkpoint whole, and refuses weights that are not finite.
 - `LastCheckpoint` keeps RUN_DIR/checkpoints/last.ckpt current: every `trainer.checkpoint_every`
-  of wall time, when training ends, and when SIGTERM, SIGINT or SLURM's SIGUSR1 asks it to stop. `BestCheckpoint` keeps best.ckpt, the best validation
-  accuracy so far.
+  of wall time, when training ends, and when SIGTERM, SIGINT or SLURM's SIGUSR1 asks it to stop.
+  `BestCheckpoint` keeps best.ckpt, the best validation accuracy so far.
 - `DivergenceGuard` stops training at the first non-finite loss.
 """
 
@@ -107,11 +107,10 @@ class LastCheckpoint(L.Callback):
         self.interval_s = interval_s
         self.stops = stops
         self.saved_at = time.monotonic()
-        self.saved_step = -1
 
     def save(self, trainer: L.Trainer):
         trainer.save_checkpoint(self.path)
-        self.saved_at, self.saved_step = time.monotonic(), trainer.global_step
+        self.saved_at = time.monotonic()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if batch_idx + 1 >= trainer.num_training_batches:
@@ -129,15 +128,13 @@ class LastCheckpoint(L.Callback):
         stop, due = self.stops.signum, time.monotonic() - self.saved_at >= self.interval_s
         if trainer.world_size > 1:
             stop, due = trainer.strategy.broadcast((stop, due), src=0)
+        # Every ending is known here: max_epochs; a time limit (Lightning's Timer stops after a batch);
+        # early stopping (it decides when validation ends, see run.py). Not later: at the end of
+        # training the EMA callback puts the averaged weights in the model.
         last_epoch = trainer.should_stop or trainer.current_epoch + 1 == trainer.max_epochs
         if due or stop is not None or last_epoch:
             self.save(trainer)
         self.stop_if_asked(trainer, stop)
-
-    def on_train_end(self, trainer, module):
-        # A time limit can end training after this epoch's end was handled: its last steps are saved too.
-        if trainer.global_step != self.saved_step:
-            self.save(trainer)
 
     def stop_if_asked(self, trainer, stop: int | None):
         if stop is not None:

@@ -134,7 +134,7 @@ class Classifier(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict):
         if "train_sums" in checkpoint:
             self.train_sums.copy_(checkpoint["train_sums"])
-        self.schedule_start = checkpoint.get("schedule_start")
+        self.schedule_start = checkpoint.get("schedule_start", 0.0)  # older checkpoints: time from the start
         states = checkpoint.get("rng", [])
         if len(states) == self.trainer.world_size:  # a run resumed on as many processes as it had
             cpu, cuda = states[self.trainer.global_rank]

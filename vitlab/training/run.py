@@ -218,7 +218,9 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
     if t.ema_decay is not None:
         callbacks.append(EMAWeightAveraging(decay=t.ema_decay))
     if t.early_stopping_patience is not None:
-        callbacks.append(EarlyStopping(monitor="val_loss", mode="min", patience=t.early_stopping_patience))
+        # Deciding when validation ends, before the epoch's end, where LastCheckpoint saves the final state.
+        callbacks.append(EarlyStopping(monitor="val_loss", mode="min", patience=t.early_stopping_patience,
+                                       check_on_train_epoch_end=False))
     callbacks += [  # last: a checkpoint holds what every other callback did at that step (the EMA update)
         LastCheckpoint(last, configs.parse_duration(t.checkpoint_every).total_seconds(), stops),
         BestCheckpoint(run_dir / "checkpoints" / "best.ckpt", last, best_val_acc(run_dir) if resume else None),
