@@ -1,7 +1,8 @@
 """Training throughput, side by side in one run: vitlab's ViT, timm's VisionTransformer at the same
 config, and a re-implementation of the tutorial's model; achieved GFLOP/s against a measured fp32
-matmul peak; and the augmentations' images/s. With --loop: the images/s of a real training run
-(`vitlab.train`: data, augmentation, step, logging, progress bar) against the bare train step's.
+matmul peak; and the augmentations' tensor ops per batch and images/s, eager and compiled. With
+--loop: the images/s of a real training run (`vitlab.train`: data, augmentation, step, logging,
+progress bar) against the bare train step's.
 
     python benchmarks/throughput.py [--seconds 10] [--configs tutorial-cpu tiny cpu-hour] [--no-compile]
     python benchmarks/throughput.py --configs cpu-hour cpu-hour+model.depth=5 ...   # preset variants
@@ -36,13 +37,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import vitlab
 from vitlab import ViT, ViTConfig
 from vitlab.model import forward_flops
 from vitlab import config as configs
 from vitlab.config import RunConfig
-from vitlab.data.augment import auto_augment_cifar10, normalize, random_crop_flip, tutorial_geometry
+from vitlab.data.augment import auto_augment_cifar10, normalize, rand_augment, random_crop_flip, tutorial_geometry
 from vitlab.training.module import OptimConfig, param_groups
 
 
@@ -172,17 +174,41 @@ def train_step(model: nn.Module, c: ViTConfig, batch: int, device: str, optim: O
     return step
 
 
-def data_rates(image_size: int, batch: int, seconds: float, device: str) -> dict[str, float]:
-    """Images/s of the augmentations, uint8 batch in, normalised batch out, on the training device
-    (where the DataModule runs them)."""
+class OpCounter(TorchDispatchMode):
+    """Counts the tensor operations run inside it: on a GPU, eager, each is a kernel launch."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def data_rates(image_size: int, batch: int, seconds: float, device: str, compile: bool) -> dict[str, tuple]:
+    """For each batched augmentation (uint8 batch in, normalised batch out, on the training device,
+    where the DataModule runs them): its tensor operations per batch, its images/s eager and, with
+    compile, under torch.compile (what trainer.compile does to it on a GPU)."""
     images = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8, device=device)
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     augmentations = {
         "crop-flip": random_crop_flip,
+        "crop-flip + RandAugment(2, 9)": lambda x: rand_augment(random_crop_flip(x), 2, 9),
         "tutorial + AutoAugment": lambda x: auto_augment_cifar10(tutorial_geometry(x)),
     }
-    return {name: batch / timed(lambda: normalize(augment(images), mean, std), seconds, device)
-            for name, augment in augmentations.items()}
+    results = {}
+    for name, augment in augmentations.items():
+        def pipeline(x, augment=augment):
+            return normalize(augment(x), mean, std)
+
+        pipeline(images)  # the cached tables are made outside the count
+        with OpCounter() as counter:
+            pipeline(images)
+        eager = batch / timed(lambda: pipeline(images), seconds, device)
+        compiled = torch.compile(pipeline, dynamic=False) if compile else None
+        results[name] = (counter.count, eager, compiled and batch / timed(lambda: compiled(images), seconds, device))
+    return results
 
 
 TINY = {"model.dim": 192, "model.depth": 6, "model.heads": 3, "model.patch_size": 4, "data.batch_size": 128}
@@ -346,8 +372,10 @@ def main():
             for label in ("vitlab", "vitlab compiled"):
                 if label in rates and label in first[1]:
                     print(f"  {label} / {first[0]} {label}: {rates[label] / first[1][label]:.2f}x")
-        for k, rate in data_rates(c.image_size, batch, args.seconds / 3, args.device).items():
-            print(f"  data: {k:24s} {rate:9.0f} images/s")
+        for k, (ops, eager, compiled) in data_rates(c.image_size, batch, args.seconds / 3, args.device,
+                                                    not args.no_compile).items():
+            print(f"  data: {k:30s} {ops:4d} tensor ops/batch  {eager:9.0f} images/s eager"
+                  + (f"  {compiled:9.0f} compiled ({compiled / eager:.2f}x)" if compiled else ""))
 
 
 if __name__ == "__main__":

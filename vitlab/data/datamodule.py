@@ -346,9 +346,10 @@ class ImageDataModule(L.LightningDataModule):
         training = self.trainer is not None and self.trainer.training
         if training:
             if self.train_augment is None:
-                # Compiled on a GPU: eager, each of the ~440 small ops of two RandAugment layers (on
-                # a batch of any size) waits for its own kernel launch, longer than the training step
-                # the batch feeds. Eager on a CPU, where the compiled code ran 2.3x slower.
+                # Compiled on a GPU: eager, each of the ~480 small ops of crop-flip and two RandAugment
+                # layers (on a batch of any size) waits for its own kernel launch, longer than the
+                # training step the batch feeds. Eager on a CPU, where the compiled code ran 2-3x
+                # slower (benchmarks/throughput.py counts the ops and times both).
                 self.train_augment = (torch.compile(self.augment, dynamic=False) if self.compile and images.is_cuda
                                       else self.augment)
             images = self.train_augment(images)
