@@ -43,9 +43,9 @@ import vitlab
 from vitlab import ViT, ViTConfig
 from vitlab.model import forward_flops
 from vitlab import config as configs
-from vitlab.config import RunConfig
+from vitlab.config import OptimConfig, RunConfig
 from vitlab.data.augment import auto_augment_cifar10, normalize, rand_augment, random_crop_flip, tutorial_geometry
-from vitlab.training.module import OptimConfig, param_groups
+from vitlab.training.module import param_groups
 
 
 class TutorialAttention(nn.Module):
@@ -276,7 +276,7 @@ def compare_loop(names: list[str], device: str, epochs: int, seconds: float):
     for name in names:
         preset, overrides = named_config(name)
         run = configs.resolve(preset, overrides=overrides)
-        c, batch = run.model, run.data.batch_size
+        c, batch = dataclasses.replace(run.model, num_classes=10), run.data.batch_size  # fake data: 10 classes
         bare = "bare compiled step" if run.trainer.compile else "bare step"
         print(f"\n{name}: dim {c.dim}, depth {c.depth}, tokenizer {c.tokenizer}, batch {batch}, "
               f"precision {run_precision(run, device)}, {'compiled' if run.trainer.compile else 'eager'}")
@@ -330,7 +330,7 @@ def main():
     for name in args.configs:
         preset, overrides = named_config(name)
         run = configs.resolve(preset, overrides=overrides)
-        c, batch = run.model, run.data.batch_size
+        c, batch = dataclasses.replace(run.model, num_classes=10), run.data.batch_size  # fake data: 10 classes
         print(f"\n{name}: dim {c.dim}, depth {c.depth}, heads {c.heads}, patch {c.patch_size}, "
               f"tokenizer {c.tokenizer}, pool {c.pool}, batch {batch}")
         builders = {"vitlab": ViT}

@@ -34,7 +34,8 @@ run)
     mkdir -p /tmp/cifar10-jpeg
     tar -xzf .data/train.tar.gz -C /tmp/cifar10-jpeg
     python3 -c "
-from vitlab.data.datamodule import DataConfig, load_train_val
+from vitlab.config import DataConfig
+from vitlab.data.datamodule import load_train_val
 load_train_val(DataConfig(source='folder:$DATA'), 32)" 2>&1 | tail -2
     start=$(date +%s)
     python3 -m vitlab.cli train --preset gpu-5min --data "folder:$DATA" --run-dir /tmp/gpu-5min \

@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 
 from vitlab import ViT, load_model
 from vitlab.cli import main
-from vitlab.data.datamodule import DataConfig, load_eval_set
+from vitlab.config import DataConfig
+from vitlab.data.datamodule import load_eval_set
 from tests.conftest import TINY, write_image_folder
 
 

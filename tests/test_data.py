@@ -13,7 +13,8 @@ from PIL import Image
 
 from vitlab.data import sources
 from vitlab.data.augment import flip_translate, normalize, random_crop_flip, tutorial_geometry
-from vitlab.data.datamodule import DataConfig, ImageDataModule, load_eval_set, load_train_val, parse_source
+from vitlab.config import DataConfig, parse_source
+from vitlab.data.datamodule import ImageDataModule, load_eval_set, load_train_val
 from vitlab.data.sources import CIFAR, download_cifar, load_image_folder, read_image
 from vitlab.errors import VitlabError
 from tests.conftest import write_fake_cifar10, write_image_folder

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def test_gpu_trains_in_bf16_and_its_checkpoint_runs_on_the_cpu(tmp_path, monkeypatch):
-    assert default_precision() == "bf16-mixed"
+    assert default_precision("auto") == "bf16-mixed"
     # The logits of every training step as they reach the loss: bf16 on the GPU says autocast ran the model.
     seen = []
     cross_entropy = F.cross_entropy
@@ -56,7 +56,7 @@ def no_tf32(monkeypatch):
 def test_compiled_training_step_on_cuda_matches_eager(bf16, tolerance, no_tf32):
     torch.manual_seed(0)
     # Dropout is off (the default), so both runs compute the same function; BatchNorm uses batch statistics.
-    model = ViT(ViTConfig(dim=64, depth=2, heads=2, tokenizer="conv", conv_channels=16, patch_size=8,
+    model = ViT(ViTConfig(num_classes=10, dim=64, depth=2, heads=2, tokenizer="conv", conv_channels=16, patch_size=8,
                           pool="attention")).cuda().train()
     torch.nn.init.normal_(model.head.weight, std=0.1)  # the head starts at zero: let gradients reach every layer
     x = torch.randn(16, 3, 32, 32, device="cuda")

@@ -50,7 +50,7 @@ def unit_grid(maps: np.ndarray, grid: int) -> np.ndarray:
 def test_attention_rollout_matches_the_rollout_written_out(monkeypatch):
     torch.manual_seed(0)
     # 2 layers of 2 heads over a class token and 3 x 3 patches, attention set by hand (not the model's).
-    model = ViT(ViTConfig(image_size=24, patch_size=8, dim=32, depth=2, heads=2)).eval()
+    model = ViT(ViTConfig(image_size=24, patch_size=8, dim=32, depth=2, heads=2, num_classes=10)).eval()
     maps = [torch.randn(2, 2, 10, 10).mul(2).softmax(-1) for _ in range(2)]
     monkeypatch.setattr(model, "attention_maps", lambda images: maps)
     summary = attention_summary(model, torch.randn(2, 3, 24, 24))
@@ -62,7 +62,7 @@ def test_attention_rollout_matches_the_rollout_written_out(monkeypatch):
         np.testing.assert_allclose(layer.numpy(), unit_grid(attention.numpy().mean(1)[:, 0, 1:], 3), atol=1e-5)
 
     # Attention pooling: the rollout's rows weighted by the pooling weights, over all 4 tokens.
-    pooled = ViT(ViTConfig(image_size=16, dim=32, depth=2, heads=2, patch_size=8, pool="attention",
+    pooled = ViT(ViTConfig(image_size=16, dim=32, depth=2, heads=2, patch_size=8, pool="attention", num_classes=10,
                            tokenizer="conv")).eval()
     maps = [torch.randn(3, 2, 4, 4).mul(2).softmax(-1) for _ in range(2)]
     monkeypatch.setattr(pooled, "attention_maps", lambda images: maps)

@@ -9,6 +9,7 @@ from torch import nn
 from vitlab import ViT, ViTConfig
 from vitlab.errors import VitlabError
 from vitlab.model import DropPath, Dropout
+from vitlab.pretrained import from_timm
 
 TINY = ViTConfig(image_size=32, patch_size=4, num_classes=10, dim=64, depth=2, heads=4)
 
@@ -49,7 +50,7 @@ def test_matches_timm_vision_transformer():
     with torch.no_grad():
         for p in reference.parameters():
             p.normal_(0, 0.1)
-    model = ViT.from_timm(reference).eval()
+    model = from_timm(reference).eval()
     assert model.config.depth == 3 and model.config.heads == 4 and model.config.dim == 64
     x = torch.randn(5, 3, 32, 32)
     torch.testing.assert_close(model(x), reference(x), atol=1e-4, rtol=1e-4)
@@ -63,12 +64,12 @@ def test_from_timm_refuses_what_it_cannot_map():
                **options})
 
     with pytest.raises(VitlabError, match="global_pool"):
-        ViT.from_timm(timm_vit(global_pool="avg"))
+        from_timm(timm_vit(global_pool="avg"))
     # Raised, not asserted: these hold under python -O too.
     with pytest.raises(VitlabError, match="unmapped parameters blocks.0.attn.qkv.bias"):
-        ViT.from_timm(timm_vit(qkv_bias=False))
+        from_timm(timm_vit(qkv_bias=False))
     with pytest.raises(VitlabError, match=r"pos_embed has shape \(1, 97, 64\) in timm, \(1, 65, 64\) in vitlab"):
-        ViT.from_timm(timm_vit(img_size=(32, 48)))  # not square: 8 x 12 patches
+        from_timm(timm_vit(img_size=(32, 48)))  # not square: 8 x 12 patches
 
 
 def tutorial_img_to_patch(x, patch_size):
@@ -170,7 +171,8 @@ def test_flops_per_image_counts_the_matmuls():
 
 
 def test_compact_options_conv_tokenizer_and_attention_pooling():
-    config = ViTConfig(tokenizer="conv", patch_size=8, conv_channels=16, dim=64, depth=2, heads=4, pool="attention")
+    config = ViTConfig(tokenizer="conv", patch_size=8, conv_channels=16, dim=64, depth=2, heads=4, pool="attention",
+                       num_classes=10)
     model = ViT(config).eval()
     assert model.cls_token is None and model.pos_embed.shape == (1, 16, 64)
     x = torch.randn(3, 3, 32, 32)
@@ -227,11 +229,11 @@ def test_from_timm_names_what_it_cannot_map():
     }
     for reason, options in refused.items():
         with pytest.raises(VitlabError, match=f"^cannot convert this timm model: {reason}$"):
-            ViT.from_timm(timm_vit(**options))
+            from_timm(timm_vit(**options))
     # A model from a timm that predates register tokens and no_embed_class converts as before.
     older = timm_vit()
     del older.num_reg_tokens, older.no_embed_class
-    assert ViT.from_timm(older).config == ViTConfig(dim=64, depth=1, heads=4)
+    assert from_timm(older).config == ViTConfig(dim=64, depth=1, heads=4, num_classes=10)
 
 
 def test_from_timm_reads_every_size_from_the_model():
@@ -241,7 +243,7 @@ def test_from_timm_reads_every_size_from_the_model():
     with torch.no_grad():
         for p in reference.parameters():
             p.normal_(0, 0.1)
-    model = ViT.from_timm(reference).eval()
+    model = from_timm(reference).eval()
     assert model.config == ViTConfig(image_size=16, patch_size=8, in_channels=1, num_classes=5, dim=32, depth=1,
                                      heads=2, mlp_ratio=2.0)
     x = torch.randn(2, 1, 16, 16)
@@ -273,7 +275,8 @@ def test_parameter_count():
     assert ViT(TINY).num_parameters() == expected
 
 
-CONV = ViTConfig(tokenizer="conv", patch_size=8, conv_channels=16, dim=64, depth=1, heads=4, pool="attention")
+CONV = ViTConfig(tokenizer="conv", patch_size=8, conv_channels=16, dim=64, depth=1, heads=4, pool="attention",
+                 num_classes=10)
 
 
 def test_conv_tokenizer_doubles_its_width_per_stage_and_halves_the_image():
@@ -325,7 +328,7 @@ def test_flops_are_counted_on_the_models_device():
 
 
 def test_drop_path_rates_grow_linearly_with_depth():
-    model = ViT(ViTConfig(dim=64, depth=5, heads=4, drop_path=0.2))
+    model = ViT(ViTConfig(dim=64, depth=5, heads=4, drop_path=0.2, num_classes=10))
     assert all(isinstance(m, nn.Identity) for m in (model.blocks[0].drop_path1, model.blocks[0].drop_path2))
     rates = [[m.p for m in (block.drop_path1, block.drop_path2)] for block in model.blocks[1:]]
     assert rates == [[r, r] for r in torch.linspace(0, 0.2, 5).tolist()[1:]]  # 0.05, 0.1, 0.15, 0.2
@@ -357,7 +360,7 @@ def test_drop_path_zeroes_whole_samples_and_keeps_the_expectation():
 
 def test_drop_path_drops_a_blocks_residual_branches_per_sample():
     torch.manual_seed(0)
-    model = ViT(ViTConfig(dim=64, depth=2, heads=4, drop_path=0.5)).train()
+    model = ViT(ViTConfig(dim=64, depth=2, heads=4, drop_path=0.5, num_classes=10)).train()
     block = model.blocks[1]  # the last block drops each branch with probability 0.5
     x = torch.randn(4000, 5, 64)
     with torch.no_grad():
@@ -388,7 +391,7 @@ def test_matches_timm_with_drop_path_rate_in_eval_mode():
     with torch.no_grad():
         for p in reference.parameters():
             p.normal_(0, 0.1)
-    model = ViT.from_timm(reference).eval()
+    model = from_timm(reference).eval()
     assert model.config.drop_path == pytest.approx(0.2)
     for ours, theirs in zip(model.blocks, reference.blocks):
         assert getattr(ours.drop_path1, "p", 0.0) == getattr(theirs.drop_path1, "drop_prob", 0.0)

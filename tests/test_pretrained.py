@@ -50,7 +50,7 @@ def test_timm_state_dict_on_disk_gives_timm_features(tmp_path, suffix):
 def test_state_dict_of_another_architecture_is_named(tmp_path):
     timm_model = timm.models.VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=2)
     torch.save(timm_model.state_dict(), tmp_path / "w.pth")
-    model = ViT(ViTConfig(patch_size=8, dim=32, depth=1, heads=2))
+    model = ViT(ViTConfig(patch_size=8, dim=32, depth=1, heads=2, num_classes=10))
     with pytest.raises(VitlabError, match=r"model.init: cls_token is \(1, 1, 48\) in .*w.pth but \(1, 1, 32\) in this model"):
         load_init(model, read_init(str(tmp_path / "w.pth"))[0], str(tmp_path / "w.pth"))
     (tmp_path / "junk.pth").write_bytes(b"junk")
@@ -67,7 +67,7 @@ def test_timm_names_without_the_network_are_one_line_errors(monkeypatch):
 
 
 def test_pretrained_groups_get_the_scaled_lr():
-    model = ViT(ViTConfig(dim=32, depth=1, heads=2, patch_size=8))
+    model = ViT(ViTConfig(dim=32, depth=1, heads=2, patch_size=8, num_classes=10))
     groups = param_groups(model, 0.05, pretrained_lr_scale=0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     new = {names[id(p)] for g in groups if g["lr_scale"] == 1.0 for p in g["params"]}

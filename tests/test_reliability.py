@@ -13,7 +13,7 @@ from vitlab import load_model
 from vitlab.errors import VitlabError
 from vitlab.io import atomic_write
 from vitlab.training import module as training_module
-from vitlab.training.run import MetricsCSV
+from vitlab.training.callbacks import MetricsCSV
 from tests.conftest import write_image_folder
 from tests.test_cli import TINY, run_cli
 
@@ -255,7 +255,7 @@ def test_a_time_budget_run_resumes_with_the_time_it_had_left(images, tmp_path, c
 def test_last_checkpoint_is_written_when_due_and_when_training_ends(images, tmp_path, capsys, monkeypatch):
     # Not at every epoch's end: with a 10-minute interval, a 3-epoch run of seconds writes it once,
     # at its end; with a time limit, at the end too, whenever in the epoch the limit falls.
-    from vitlab.training.checkpoints import AtomicCheckpointIO
+    from vitlab.training.run import AtomicCheckpointIO
 
     written = []
     save = AtomicCheckpointIO.save_checkpoint

@@ -15,11 +15,12 @@ from vitlab import ViT, ViTConfig
 from vitlab import config as configs
 from vitlab.errors import VitlabError
 from vitlab.evaluation import tta_logits
-from vitlab.training.module import Classifier, OptimConfig, param_groups, warmup_cosine
+from vitlab.config import OptimConfig
+from vitlab.training.module import Classifier, param_groups, warmup_cosine
 
 
 def test_decay_rule_spares_biases_norms_and_embeddings():
-    model = ViT(ViTConfig(dim=32, depth=2, heads=2))
+    model = ViT(ViTConfig(dim=32, depth=2, heads=2, num_classes=10))
     decay, no_decay = param_groups(model, 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
@@ -89,7 +90,7 @@ def test_max_time_must_be_a_duration():
 
 
 def test_decay_rule_spares_batchnorm_of_the_conv_tokenizer():
-    model = ViT(ViTConfig(tokenizer="conv", patch_size=4, dim=32, depth=1, heads=2, pool="attention"))
+    model = ViT(ViTConfig(tokenizer="conv", patch_size=4, dim=32, depth=1, heads=2, pool="attention", num_classes=10))
     decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
@@ -604,7 +605,7 @@ def test_the_gpu_5min_preset_trains_in_fp32_on_a_cpu(tmp_path):
     c = run.config
     assert (c.model.tokenizer, c.model.pool, c.model.drop_path, c.data.batch_size) == ("conv", "attention", 0.1, 512)
     assert (c.data.randaugment_ops, c.data.mixup_alpha, c.data.cutmix_alpha, c.trainer.val_tta) == (2, 0.8, 1.0, "flip-shift")
-    assert c.trainer.precision == "auto" and default_precision() == "32-true"
+    assert c.trainer.precision == "auto" and default_precision(c.trainer.accelerator) == "32-true"
     rows = run.metrics
     assert [int(r["step"]) for r in rows] == [2]  # 1,080 training images: two full batches of 512
     assert math.isfinite(float(rows[0]["train_loss"])) and 0 <= float(rows[0]["val_acc"]) <= 1

@@ -17,6 +17,7 @@ from pathlib import Path
 from vitlab import config as configs
 from vitlab.config import RunConfig
 from vitlab.errors import VitlabError
+from vitlab.io import read_metric_rows
 
 
 @dataclass
@@ -37,8 +38,6 @@ class Run:
     @property
     def metrics(self) -> list[dict[str, str]]:
         """The rows of metrics.csv, one per epoch, as written."""
-        from vitlab.training.run import read_metric_rows
-
         return read_metric_rows(self.run_dir)
 
     @property

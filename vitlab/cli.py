@@ -128,11 +128,11 @@ def cmd_train(args):
 def cmd_eval(args):
     from vitlab import config as configs
     from vitlab.data.datamodule import load_eval_set
-    from vitlab.evaluation import TTA_VIEWS, evaluate
+    from vitlab.evaluation import evaluate, write_report
     from vitlab.inference import load_model
 
-    if args.tta not in TTA_VIEWS:
-        raise VitlabError(f"--tta must be one of {', '.join(TTA_VIEWS)}, not '{args.tta}'")
+    if args.tta not in configs.TTA_NAMES:
+        raise VitlabError(f"--tta must be one of {', '.join(configs.TTA_NAMES)}, not '{args.tta}'")
     model = load_model(args.checkpoint)
     data = configs.resolve(flags=data_flag_values(args)).data
     image_set = load_eval_set(data, model.config.image_size, model.class_names, held_out=args.held_out)
@@ -148,32 +148,8 @@ def cmd_eval(args):
         print(f"  {name:<{width}}  {acc:.4f}")
 
 
-def write_report(out_dir: Path, result: dict, logits, image_set, classes: list[str], worst: int = 16):
-    """Figures and numbers of an evaluation, in out_dir."""
-    import numpy as np
-
-    from vitlab import plots
-    from vitlab.io import atomic_write
-
-    probs = logits.softmax(-1)
-    confidence, predicted = probs.max(-1)
-    wrong = (predicted != image_set.labels).nonzero().squeeze(1)
-    wrong = wrong[confidence[wrong].argsort(descending=True)][:worst].tolist()
-    errors = [{"index": i, "path": image_set.paths[i] if image_set.paths else None,
-               "true": classes[image_set.labels[i]], "predicted": classes[predicted[i]],
-               "probability": round(confidence[i].item(), 4)} for i in wrong]
-    plots.plot_confusion_matrix(np.array(result["confusion"]), classes, out_dir / "confusion_matrix.png")
-    plots.plot_per_class_accuracy(result["per_class"], out_dir / "per_class_accuracy.png")
-    plots.plot_confident_errors(image_set.images[wrong],
-                                [f"true: {e['true']}\npredicted: {e['predicted']} ({e['probability']:.0%})"
-                                 for e in errors], out_dir / "confident_errors.png")
-    report = {**result, "classes": classes, "confident_errors": errors}
-    atomic_write(out_dir / "report.json", json.dumps(report, indent=1), "report")
-    print(f"report written to {out_dir}", file=sys.stderr)
-
-
 def cmd_predict(args):
-    from vitlab.data.datamodule import parse_source
+    from vitlab.config import parse_source
     from vitlab.inference import OnnxModel, expand_image_paths, load_model, predict, predict_shards
 
     if args.top_k < 1:
@@ -192,17 +168,23 @@ def cmd_predict(args):
 
 
 def cmd_info(args):
+    import dataclasses
+
     from vitlab import config as configs
     from vitlab.inference import load_model
     from vitlab.model import ViT
 
     if args.checkpoint:
         model, what = load_model(args.checkpoint), str(args.checkpoint)
+        classes = f"{model.config.num_classes} classes"
     else:
-        model, what = ViT(configs.resolve(args.preset).model), f"preset {args.preset}"
+        c = configs.resolve(args.preset).model
+        # A preset's number of classes comes from the data it trains on: counted here as 10, as CIFAR-10.
+        classes = f"{c.num_classes} classes" if c.num_classes else "10 classes (as the data will say)"
+        model, what = ViT(dataclasses.replace(c, num_classes=c.num_classes or 10)), f"preset {args.preset}"
     c = model.config
     print(f"{what}: ViT dim {c.dim}, depth {c.depth}, heads {c.heads}, {c.tokenizer} tokenizer, patch {c.patch_size}, "
-          f"{c.pool} pooling, image {c.image_size}, {c.num_patches} tokens, {c.num_classes} classes")
+          f"{c.pool} pooling, image {c.image_size}, {c.num_patches} tokens, {classes}")
     print(f"parameters: {model.num_parameters():,}")
     print(f"forward FLOPs per image: {model.flops_per_image() / 1e9:.3f} GFLOP")
 
@@ -233,7 +215,8 @@ def cmd_export(args):
 
 def cmd_pack(args):
     from vitlab.data import shards
-    from vitlab.data.datamodule import DataConfig, load_cifar, parse_source
+    from vitlab.config import DataConfig, parse_source
+    from vitlab.data.datamodule import load_cifar
     from vitlab.data.sources import make_fake
 
     kind, path = parse_source(args.source)

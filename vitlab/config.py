@@ -1,5 +1,10 @@
 """The full configuration of a training run: model + data + optimiser + trainer, as data.
 
+A leaf of the package: it imports nothing but the standard library, YAML and the model's config, so
+reading a preset or checking a command loads no training code. It names every choice a key can take
+(the data source kinds, the augmentations, the test-time views); the modules that implement a choice
+are keyed by these names.
+
 A run's config is resolved in this order, each step overriding the one before:
 dataclass defaults -> preset (vitlab/presets/NAME.yaml) -> --config FILE.yaml -> CLI flags -> key=value.
 A resumed run resolves its command on top of its saved config instead of the defaults.
@@ -16,14 +21,86 @@ from pathlib import Path
 
 import yaml
 
-from vitlab.data.datamodule import DataConfig
 from vitlab.errors import VitlabError
-from vitlab.evaluation import TTA_VIEWS
 from vitlab.io import atomic_write
 from vitlab.model import ViTConfig
-from vitlab.training.module import OptimConfig
 
 PRESETS_DIR = Path(__file__).parent / "presets"
+CIFAR_NAMES = ("cifar10", "cifar100")
+SOURCES_HELP = "cifar10, cifar100, fake[:N], folder:PATH or shards:DIR_OR_URL"
+AUGMENTATIONS = ("crop-flip", "tutorial", "none")  # data.augment (vitlab.data.augment)
+TTA_NAMES = ("none", "flip", "flip-shift")  # trainer.val_tta, eval --tta (vitlab.evaluation.TTA_VIEWS)
+
+
+@dataclass
+class DataConfig:
+    source: str = "cifar10"  # cifar10 | cifar100 | fake[:N] (N synthetic images) | folder:PATH | shards:DIR_OR_URL (packed by `vitlab pack`)
+    root: str = "data"  # where CIFAR is downloaded to
+    cache_dir: str = "~/.cache/vitlab"  # decoded image folders are cached here
+    val_fraction: float = 0.1  # held out of train unless a folder has a sibling val/ folder
+    split_seed: int = 0  # fixes the held-out part, independently of the training seed
+    batch_size: int = 128
+    num_workers: int = 0  # loader processes decoding streamed (shards:) data; in-memory data needs none
+    augment: str = "crop-flip"  # batched on the training device, first: crop-flip (translate + flip) | tutorial
+    # (flip, resized crop, rotation ±30°) | none
+    crop_padding: int = 4  # crop-flip translates images by up to this many pixels
+    autoaugment: bool = False  # then AutoAugment's CIFAR-10 policy (as torchvision's)
+    randaugment_ops: int = 0  # then RandAugment with this many ops per image (0 = off; as torchvision's)
+    randaugment_magnitude: int = 9  # RandAugment's magnitude, 0-30
+    mixup_alpha: float = 0.0  # then, after normalising, mixup with lam ~ Beta(alpha, alpha) (0 = off)
+    cutmix_alpha: float = 0.0  # or CutMix (0 = off); with both on, each batch takes one of the two at random
+    skip_bad_images: bool = False  # skip unreadable images in folders instead of stopping
+    shard_cache_size: str = "25GB"  # the most of a remote shards: source kept in cache_dir at once
+
+    def __post_init__(self):
+        if self.augment not in AUGMENTATIONS:
+            raise VitlabError(f"data.augment must be one of {', '.join(AUGMENTATIONS)}, not '{self.augment}'")
+        if self.crop_padding < 0:
+            raise VitlabError(f"data.crop_padding must be 0 or more, not {self.crop_padding}")
+        if self.randaugment_ops < 0:
+            raise VitlabError(f"data.randaugment_ops must be 0 or more, not {self.randaugment_ops}")
+        if not 0 <= self.randaugment_magnitude <= 30:
+            raise VitlabError(f"data.randaugment_magnitude must be between 0 and 30, not {self.randaugment_magnitude}")
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            if getattr(self, name) < 0:
+                raise VitlabError(f"data.{name} must be 0 or more, not {getattr(self, name)}")
+        if not 0 < self.val_fraction < 1:
+            raise VitlabError(f"data.val_fraction must be between 0 and 1, not {self.val_fraction}")
+        parse_source(self.source)
+
+
+FAKE_IMAGES = 2000  # the synthetic images of source `fake` (`fake:N` makes N)
+
+
+def parse_source(source: str) -> tuple[str, Path | str | int | None]:
+    """'cifar10' -> ('cifar10', None); 'fake:N' -> ('fake', N); 'folder:PATH' -> ('folder', PATH);
+    'shards:LOCATION' -> ('shards', LOCATION), a folder or a bucket URL (kept as text: a Path would
+    mangle s3://)."""
+    if source in CIFAR_NAMES:
+        return source, None
+    if source == "fake" or source.startswith("fake:"):
+        count = source[len("fake:"):] if ":" in source else str(FAKE_IMAGES)
+        if not count.isdigit() or int(count) < 2:
+            raise VitlabError(f"data source '{source}': fake:N needs a number of images N of 2 or more")
+        return "fake", int(count)
+    if source.startswith("folder:") and len(source) > len("folder:"):
+        return "folder", Path(source[len("folder:"):]).expanduser()
+    if source.startswith("shards:") and len(source) > len("shards:"):
+        location = source[len("shards:"):]
+        return "shards", location if "://" in location or location.startswith("local:") else str(Path(location).expanduser())
+    raise VitlabError(f"unknown data source '{source}' (expected {SOURCES_HELP})")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # peak learning rate, reached after warm-up
+    min_lr: float = 1e-5  # the cosine schedule ends here
+    weight_decay: float = 0.05  # AdamW decay, applied only to weight matrices (see param_groups)
+    beta1: float = 0.9
+    beta2: float = 0.999
+    warmup: float = 0.0  # linear warm-up from 0 to lr over this fraction of training
+    label_smoothing: float = 0.0
+    init_lr_scale: float = 1.0  # with model.init: the pre-trained part's LR is lr x this (0 freezes it)
 
 
 @dataclass
@@ -54,8 +131,8 @@ class TrainerConfig:
         parse_duration(self.checkpoint_every, "trainer.checkpoint_every")
         if self.val_every_n_epochs < 1:
             raise VitlabError(f"trainer.val_every_n_epochs must be 1 or more, not {self.val_every_n_epochs}")
-        if self.val_tta not in TTA_VIEWS:
-            raise VitlabError(f"trainer.val_tta must be one of {', '.join(TTA_VIEWS)}, not '{self.val_tta}'")
+        if self.val_tta not in TTA_NAMES:
+            raise VitlabError(f"trainer.val_tta must be one of {', '.join(TTA_NAMES)}, not '{self.val_tta}'")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise VitlabError(f"trainer.ema_decay must be between 0 and 1, not {self.ema_decay}")
         if self.accelerator not in ("cpu", "gpu", "auto"):
@@ -81,6 +158,12 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self):
+        # Checks that span two sections (each section checks its own keys).
+        if self.data.augment == "crop-flip" and self.data.crop_padding >= self.model.image_size:
+            raise VitlabError(f"data.crop_padding {self.data.crop_padding} must be smaller than the image "
+                              f"(model.image_size {self.model.image_size})")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,7 +1,11 @@
-"""Scoring a trained model on a labelled image set, with or without test-time augmentation."""
+"""Scoring a trained model on a labelled image set, with or without test-time augmentation, and
+the report of a scoring (figures and report.json)."""
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -10,6 +14,7 @@ import torch.nn.functional as F
 from vitlab.data.augment import flip_translate, normalize
 from vitlab.data.sources import ImageSet
 from vitlab.errors import VitlabError
+from vitlab.io import atomic_write
 from vitlab.model import ViT
 from vitlab.progress import progress
 
@@ -85,3 +90,26 @@ def evaluate(model: ViT, image_set: ImageSet, tta: str = "none") -> tuple[dict, 
         "confusion": confusion.tolist(),
     }
     return result, logits
+
+
+def write_report(out_dir: Path, result: dict, logits, image_set, classes: list[str], worst: int = 16):
+    """Figures and numbers of an evaluation, in out_dir."""
+    import numpy as np
+
+    from vitlab import plots
+
+    probs = logits.softmax(-1)
+    confidence, predicted = probs.max(-1)
+    wrong = (predicted != image_set.labels).nonzero().squeeze(1)
+    wrong = wrong[confidence[wrong].argsort(descending=True)][:worst].tolist()
+    errors = [{"index": i, "path": image_set.paths[i] if image_set.paths else None,
+               "true": classes[image_set.labels[i]], "predicted": classes[predicted[i]],
+               "probability": round(confidence[i].item(), 4)} for i in wrong]
+    plots.plot_confusion_matrix(np.array(result["confusion"]), classes, out_dir / "confusion_matrix.png")
+    plots.plot_per_class_accuracy(result["per_class"], out_dir / "per_class_accuracy.png")
+    plots.plot_confident_errors(image_set.images[wrong],
+                                [f"true: {e['true']}\npredicted: {e['predicted']} ({e['probability']:.0%})"
+                                 for e in errors], out_dir / "confident_errors.png")
+    report = {**result, "classes": classes, "confident_errors": errors}
+    atomic_write(out_dir / "report.json", json.dumps(report, indent=1), "report")
+    print(f"report written to {out_dir}", file=sys.stderr)

@@ -8,13 +8,15 @@ the temporary file is renamed over the target (atomic on POSIX); the directory i
 the rename itself survives a power cut. A failed write (disk full, no permission) is a VitlabError
 that says what, where and how much space was free, and leaves the previous file untouched.
 
-Reading checkpoints: `read_checkpoint` loads with weights_only (no pickled code runs) and says
-exactly what is wrong with a file that is not a checkpoint vitlab can read.
+Checkpoints are written and read here, and nowhere else: `write_checkpoint` (atomic, stamped with the
+format, never non-finite weights) and `read_checkpoint`, which loads with weights_only (no pickled
+code runs) and says exactly what is wrong with a file that is not a checkpoint vitlab can read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import fcntl
 import os
 import pickle
@@ -106,6 +108,25 @@ def sync_directory(directory: Path):
         os.close(fd)
 
 
+def non_finite_tensors(state: dict) -> list[str]:
+    return [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
+
+
+def write_checkpoint(checkpoint: dict, path: Path | str):
+    """Write a training checkpoint atomically and durably, stamped with vitlab's version and
+    checkpoint format; weights that are not finite are refused (a diverged run never overwrites a
+    good checkpoint)."""
+    from vitlab import __version__
+
+    bad = non_finite_tensors(checkpoint["state_dict"])
+    if bad:
+        raise VitlabError(f"refused to write checkpoint {path}: weights are not finite ({bad[0]}, ...); "
+                          f"training diverged (try a lower optim.lr or trainer.gradient_clip)")
+    checkpoint["vitlab"] = {"version": __version__, "format": CHECKPOINT_FORMAT}
+    with atomic_open(path, "checkpoint") as f:
+        torch.save(checkpoint, f)
+
+
 def read_checkpoint(path: Path) -> dict:
     """A checkpoint written by vitlab, loaded without running code, or a one-line error saying why not."""
     try:
@@ -139,3 +160,12 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise VitlabError(f"{path} is not a safetensors file ({e})") from None
+
+
+def read_metric_rows(run_dir: Path) -> list[dict[str, str]]:
+    """The rows of RUN_DIR/metrics.csv as written (empty strings where a value is missing); [] if none."""
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))

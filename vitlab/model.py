@@ -24,7 +24,7 @@ class ViTConfig:
     image_size: int = 32  # input height and width in pixels
     patch_size: int = 4  # each token is a patch_size x patch_size x in_channels patch
     in_channels: int = 3
-    num_classes: int = 10
+    num_classes: int | None = None  # None: a run takes the number of classes of its data
     dim: int = 192  # token width
     depth: int = 6  # number of encoder blocks
     heads: int = 3  # attention heads; head_dim = dim // heads
@@ -40,6 +40,8 @@ class ViTConfig:
     # (.safetensors/.pth) or timm:NAME; the head is made anew (see vitlab/pretrained.py)
 
     def __post_init__(self):
+        if self.num_classes is not None and self.num_classes < 1:
+            raise VitlabError(f"model.num_classes must be 1 or more, not {self.num_classes}")
         if self.image_size % self.patch_size:
             raise VitlabError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.dim % self.heads:
@@ -227,6 +229,8 @@ class ViT(nn.Module):
 
     def __init__(self, config: ViTConfig):
         super().__init__()
+        if config.num_classes is None:
+            raise VitlabError("model.num_classes is not set (a run sets it from its data)")
         self.config = config
         self.class_names: list[str] | None = None
         self.image_mean: tuple[float, ...] | None = None
@@ -301,69 +305,6 @@ class ViT(nn.Module):
             maps.append(block.attn.attention_weights(block.norm1(x)))
             x = block(x)
         return maps
-
-    @classmethod
-    def from_timm(cls, timm_model: nn.Module) -> "ViT":
-        """A ViT holding the weights of a timm `VisionTransformer` with class-token pooling.
-
-        Only the plain architecture maps one-to-one; anything else (register tokens, layer scale,
-        qk-norm, average pooling ...) is refused rather than silently dropped.
-        """
-        t = timm_model
-        unsupported = {
-            "global_pool must be 'token'": t.global_pool != "token",
-            "needs a class token": t.cls_token is None or getattr(t, "num_reg_tokens", 0) > 0,
-            "position embedding must include the class token": getattr(t, "no_embed_class", False),
-            "pre-norm, fc-norm, qk-norm and layer scale are not supported": not all(
-                isinstance(m, nn.Identity)
-                for m in [t.norm_pre, t.fc_norm]
-                + [b.ls1 for b in t.blocks]
-                + [b.attn.q_norm for b in t.blocks]
-            ),
-        }
-        for reason, failed in unsupported.items():
-            if failed:
-                raise VitlabError(f"cannot convert this timm model: {reason}")
-
-        patch = t.patch_embed.proj.kernel_size[0]
-        config = ViTConfig(
-            image_size=t.patch_embed.img_size[0],
-            patch_size=patch,
-            in_channels=t.patch_embed.proj.in_channels,
-            num_classes=t.head.out_features,
-            dim=t.embed_dim,
-            depth=len(t.blocks),
-            heads=t.blocks[0].attn.num_heads,
-            mlp_ratio=t.blocks[0].mlp.fc1.out_features / t.embed_dim,
-            # The last block's rate is timm's drop_path_rate as float32 (0.2 reads 0.2000000030), kept
-            # so that every block's rate is timm's exactly; with one block it is 0, the same model.
-            drop_path=getattr(t.blocks[-1].drop_path1, "drop_prob", 0.0),
-        )
-        model = cls(config)
-
-        names = {"patch_embed.proj": "patch_embed.proj", "norm": "norm", "head": "head"}
-        for i in range(config.depth):
-            for ours, theirs in [("norm1", "norm1"), ("attn.qkv", "attn.qkv"), ("attn.proj", "attn.proj"),
-                                 ("norm2", "norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")]:
-                names[f"blocks.{i}.{ours}"] = f"blocks.{i}.{theirs}"
-        mapping = {"cls_token": "cls_token", "pos_embed": "pos_embed"}
-        for ours, theirs in names.items():
-            mapping[f"{ours}.weight"] = f"{theirs}.weight"
-            mapping[f"{ours}.bias"] = f"{theirs}.bias"
-
-        source = t.state_dict()
-        target = model.state_dict()
-        # Checked with raise, not assert: a conversion must fail loudly under python -O too.
-        unmapped = (set(target) ^ set(mapping)) | (set(source) ^ set(mapping.values()))
-        if unmapped:
-            raise VitlabError(f"cannot convert this timm model: unmapped parameters {', '.join(sorted(unmapped))}")
-        for ours, theirs in mapping.items():
-            if source[theirs].shape != target[ours].shape:
-                raise VitlabError(f"cannot convert this timm model: {theirs} has shape {tuple(source[theirs].shape)} "
-                                  f"in timm, {tuple(target[ours].shape)} in vitlab")
-            target[ours] = source[theirs]
-        model.load_state_dict(target)
-        return model
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from vitlab.errors import VitlabError  # noqa: E402
-from vitlab.io import atomic_write  # noqa: E402
+from vitlab.io import atomic_write, read_metric_rows  # noqa: E402
 
 
 def save(fig, path: Path):
@@ -32,7 +32,6 @@ def to_numpy_image(image: torch.Tensor) -> np.ndarray:
 # --- learning curves -----------------------------------------------------------------------------
 
 def read_metrics(run_dir: Path) -> dict[str, list[float]]:
-    from vitlab.training.run import read_metric_rows
 
     path = run_dir / "metrics.csv"
     if not path.is_file():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from vitlab.errors import VitlabError
 from vitlab.inference import load_model
@@ -62,7 +63,70 @@ def timm_weights(name: str) -> tuple[dict[str, torch.Tensor], ViTConfig]:
     except OSError as e:  # no network, no cached weights
         raise VitlabError(f"model.init: cannot download the weights of timm:{name} (offline? {e}); "
                           f"give a downloaded .safetensors/.pth file instead") from None
-    return timm_model.state_dict(), ViT.from_timm(timm_model).config
+    return timm_model.state_dict(), from_timm(timm_model).config
+
+
+def from_timm(timm_model: nn.Module) -> ViT:
+    """A ViT holding the weights of a timm `VisionTransformer` with class-token pooling.
+
+    Only the plain architecture maps one-to-one; anything else (register tokens, layer scale,
+    qk-norm, average pooling ...) is refused rather than silently dropped.
+    """
+    t = timm_model
+    unsupported = {
+        "global_pool must be 'token'": t.global_pool != "token",
+        "needs a class token": t.cls_token is None or getattr(t, "num_reg_tokens", 0) > 0,
+        "position embedding must include the class token": getattr(t, "no_embed_class", False),
+        "pre-norm, fc-norm, qk-norm and layer scale are not supported": not all(
+            isinstance(m, nn.Identity)
+            for m in [t.norm_pre, t.fc_norm]
+            + [b.ls1 for b in t.blocks]
+            + [b.attn.q_norm for b in t.blocks]
+        ),
+    }
+    for reason, failed in unsupported.items():
+        if failed:
+            raise VitlabError(f"cannot convert this timm model: {reason}")
+
+    patch = t.patch_embed.proj.kernel_size[0]
+    config = ViTConfig(
+        image_size=t.patch_embed.img_size[0],
+        patch_size=patch,
+        in_channels=t.patch_embed.proj.in_channels,
+        num_classes=t.head.out_features,
+        dim=t.embed_dim,
+        depth=len(t.blocks),
+        heads=t.blocks[0].attn.num_heads,
+        mlp_ratio=t.blocks[0].mlp.fc1.out_features / t.embed_dim,
+        # The last block's rate is timm's drop_path_rate as float32 (0.2 reads 0.2000000030), kept
+        # so that every block's rate is timm's exactly; with one block it is 0, the same model.
+        drop_path=getattr(t.blocks[-1].drop_path1, "drop_prob", 0.0),
+    )
+    model = ViT(config)
+
+    names = {"patch_embed.proj": "patch_embed.proj", "norm": "norm", "head": "head"}
+    for i in range(config.depth):
+        for ours, theirs in [("norm1", "norm1"), ("attn.qkv", "attn.qkv"), ("attn.proj", "attn.proj"),
+                             ("norm2", "norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")]:
+            names[f"blocks.{i}.{ours}"] = f"blocks.{i}.{theirs}"
+    mapping = {"cls_token": "cls_token", "pos_embed": "pos_embed"}
+    for ours, theirs in names.items():
+        mapping[f"{ours}.weight"] = f"{theirs}.weight"
+        mapping[f"{ours}.bias"] = f"{theirs}.bias"
+
+    source = t.state_dict()
+    target = model.state_dict()
+    # Checked with raise, not assert: a conversion must fail loudly under python -O too.
+    unmapped = (set(target) ^ set(mapping)) | (set(source) ^ set(mapping.values()))
+    if unmapped:
+        raise VitlabError(f"cannot convert this timm model: unmapped parameters {', '.join(sorted(unmapped))}")
+    for ours, theirs in mapping.items():
+        if source[theirs].shape != target[ours].shape:
+            raise VitlabError(f"cannot convert this timm model: {theirs} has shape {tuple(source[theirs].shape)} "
+                              f"in timm, {tuple(target[ours].shape)} in vitlab")
+        target[ours] = source[theirs]
+    model.load_state_dict(target)
+    return model
 
 
 def init_config(config: ViTConfig, source: ViTConfig | None) -> ViTConfig:

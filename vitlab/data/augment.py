@@ -21,9 +21,6 @@ import torch.nn.functional as F
 
 from vitlab.errors import VitlabError
 
-AUGMENTATIONS = ("crop-flip", "tutorial", "none")
-
-
 @torch.compiler.disable  # a cached table, built outside any compiled graph (as the two below)
 @lru_cache(maxsize=16)
 def pixel_statistics(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -10,7 +9,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vitlab.data.augment import (
-    AUGMENTATIONS,
     auto_augment_cifar10,
     mix,
     normalize,
@@ -27,68 +25,8 @@ from vitlab.data.sources import (
     read_cifar_batches,
     resize_images,
 )
+from vitlab.config import DataConfig, parse_source
 from vitlab.errors import VitlabError
-
-SOURCES_HELP = "cifar10, cifar100, fake[:N], folder:PATH or shards:DIR_OR_URL"
-
-
-@dataclass
-class DataConfig:
-    source: str = "cifar10"  # cifar10 | cifar100 | fake[:N] (N synthetic images) | folder:PATH | shards:DIR_OR_URL (packed by `vitlab pack`)
-    root: str = "data"  # where CIFAR is downloaded to
-    cache_dir: str = "~/.cache/vitlab"  # decoded image folders are cached here
-    val_fraction: float = 0.1  # held out of train unless a folder has a sibling val/ folder
-    split_seed: int = 0  # fixes the held-out part, independently of the training seed
-    batch_size: int = 128
-    num_workers: int = 0  # loader processes decoding streamed (shards:) data; in-memory data needs none
-    augment: str = "crop-flip"  # batched on the training device, first: crop-flip (translate + flip) | tutorial
-    # (flip, resized crop, rotation ±30°) | none
-    crop_padding: int = 4  # crop-flip translates images by up to this many pixels
-    autoaugment: bool = False  # then AutoAugment's CIFAR-10 policy (as torchvision's)
-    randaugment_ops: int = 0  # then RandAugment with this many ops per image (0 = off; as torchvision's)
-    randaugment_magnitude: int = 9  # RandAugment's magnitude, 0-30
-    mixup_alpha: float = 0.0  # then, after normalising, mixup with lam ~ Beta(alpha, alpha) (0 = off)
-    cutmix_alpha: float = 0.0  # or CutMix (0 = off); with both on, each batch takes one of the two at random
-    skip_bad_images: bool = False  # skip unreadable images in folders instead of stopping
-    shard_cache_size: str = "25GB"  # the most of a remote shards: source kept in cache_dir at once
-
-    def __post_init__(self):
-        if self.augment not in AUGMENTATIONS:
-            raise VitlabError(f"data.augment must be one of {', '.join(AUGMENTATIONS)}, not '{self.augment}'")
-        if self.crop_padding < 0:
-            raise VitlabError(f"data.crop_padding must be 0 or more, not {self.crop_padding}")
-        if self.randaugment_ops < 0:
-            raise VitlabError(f"data.randaugment_ops must be 0 or more, not {self.randaugment_ops}")
-        if not 0 <= self.randaugment_magnitude <= 30:
-            raise VitlabError(f"data.randaugment_magnitude must be between 0 and 30, not {self.randaugment_magnitude}")
-        for name in ("mixup_alpha", "cutmix_alpha"):
-            if getattr(self, name) < 0:
-                raise VitlabError(f"data.{name} must be 0 or more, not {getattr(self, name)}")
-        if not 0 < self.val_fraction < 1:
-            raise VitlabError(f"data.val_fraction must be between 0 and 1, not {self.val_fraction}")
-        parse_source(self.source)
-
-
-FAKE_IMAGES = 2000  # the synthetic images of source `fake` (`fake:N` makes N)
-
-
-def parse_source(source: str) -> tuple[str, Path | str | int | None]:
-    """'cifar10' -> ('cifar10', None); 'fake:N' -> ('fake', N); 'folder:PATH' -> ('folder', PATH);
-    'shards:LOCATION' -> ('shards', LOCATION), a folder or a bucket URL (kept as text: a Path would
-    mangle s3://)."""
-    if source in CIFAR:
-        return source, None
-    if source == "fake" or source.startswith("fake:"):
-        count = source[len("fake:"):] if ":" in source else str(FAKE_IMAGES)
-        if not count.isdigit() or int(count) < 2:
-            raise VitlabError(f"data source '{source}': fake:N needs a number of images N of 2 or more")
-        return "fake", int(count)
-    if source.startswith("folder:") and len(source) > len("folder:"):
-        return "folder", Path(source[len("folder:"):]).expanduser()
-    if source.startswith("shards:") and len(source) > len("shards:"):
-        location = source[len("shards:"):]
-        return "shards", location if "://" in location or location.startswith("local:") else str(Path(location).expanduser())
-    raise VitlabError(f"unknown data source '{source}' (expected {SOURCES_HELP})")
 
 
 def align_classes(image_set: ImageSet, classes: list[str], where: str) -> ImageSet:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import lightning as L
 import torch
@@ -13,21 +13,10 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from vitlab.config import OptimConfig
 from vitlab.evaluation import tta_logits
 from vitlab.model import ViT, ViTConfig
 from vitlab.pretrained import is_pretrained
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-3  # peak learning rate, reached after warm-up
-    min_lr: float = 1e-5  # the cosine schedule ends here
-    weight_decay: float = 0.05  # AdamW decay, applied only to weight matrices (see param_groups)
-    beta1: float = 0.9
-    beta2: float = 0.999
-    warmup: float = 0.0  # linear warm-up from 0 to lr over this fraction of training
-    label_smoothing: float = 0.0
-    init_lr_scale: float = 1.0  # with model.init: the pre-trained part's LR is lr x this (0 freezes it)
 
 
 def param_groups(model: nn.Module, weight_decay: float, pretrained_lr_scale: float | None = None) -> list[dict]:

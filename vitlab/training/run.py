@@ -6,19 +6,22 @@
     RUN_DIR/checkpoints/best.ckpt       best validation accuracy so far (final weights included)
     RUN_DIR/metrics.csv                 one row per epoch
     RUN_DIR/tensorboard/                TensorBoard events
+
+`train` prepares the run directory, the data and the model, then `build_callbacks` and
+`build_trainer` make the Lightning Trainer that fits them.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
+import math
 import os
 import sys
-import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -26,100 +29,20 @@ from vitlab import config as configs
 from vitlab.config import RunConfig
 from vitlab.data.datamodule import ImageDataModule
 from vitlab.errors import VitlabError
-from vitlab.io import free_space
+from vitlab.io import read_checkpoint, read_metric_rows, write_checkpoint
 from vitlab.pretrained import init_config, load_init, read_init
-from vitlab.training.checkpoints import (
-    AtomicCheckpointIO,
-    BestCheckpoint,
-    DivergenceGuard,
-    LastCheckpoint,
-    StopRequests,
-)
+from vitlab.training.callbacks import BestCheckpoint, DivergenceGuard, LastCheckpoint, MetricsCSV, StopRequests
 from vitlab.training.module import Classifier
 
-METRIC_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "elapsed_s"]
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning writes and reads checkpoints through vitlab.io: atomically, never non-finite weights."""
 
-def read_metric_rows(run_dir: Path) -> list[dict[str, str]]:
-    """The rows of RUN_DIR/metrics.csv as written (empty strings where a value is missing); [] if none."""
-    path = run_dir / "metrics.csv"
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None):
+        write_checkpoint(checkpoint, path)
 
-
-class MetricsCSV(L.Callback):
-    """Appends one row per epoch to RUN_DIR/metrics.csv, flushed at once, so a run that is still
-    going (or was resumed) can be read and plotted; earlier rows are never rewritten, and a resumed
-    run writes each epoch's row once. `elapsed_s` is the run's training time, across resumes.
-
-    An epoch that was not validated gets empty val_* columns, except the run's final epoch: when a
-    time limit cuts it short, its row waits for the final validation that `train` runs, so the last
-    row always scores the final weights (those in last.ckpt).
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.start = time.monotonic()
-        self.elapsed_before = 0.0  # training time of the run before this process resumed it
-        self.validated_step = -1
-        self.writes = True
-        self.pending: dict | None = None  # the final epoch's row, until its validation
-        self.written_step = max((int(r["step"]) for r in read_metric_rows(path.parent)), default=-1)
-
-    def elapsed(self) -> float:
-        return self.elapsed_before + time.monotonic() - self.start
-
-    def state_dict(self) -> dict:
-        return {"elapsed_s": self.elapsed()}
-
-    def load_state_dict(self, state: dict):
-        self.elapsed_before, self.start = state["elapsed_s"], time.monotonic()
-
-    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule):
-        self.validated_step = trainer.global_step
-        if self.pending is not None and self.pending["step"] == trainer.global_step:
-            self.write({**self.pending, **self.val_metrics(trainer)})
-            self.pending = None
-
-    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule):
-        row = {
-            "epoch": trainer.current_epoch,
-            "step": trainer.global_step,
-            "lr": trainer.optimizers[0].param_groups[0]["lr"],
-            **module.train_metrics(),
-            "val_loss": None,
-            "val_acc": None,
-            "elapsed_s": round(self.elapsed(), 1),
-        }
-        if self.validated_step == trainer.global_step:
-            self.write({**row, **self.val_metrics(trainer)})
-        elif trainer.should_stop or trainer.current_epoch + 1 == trainer.max_epochs:
-            self.pending = row
-        else:
-            self.write(row)
-
-    @staticmethod
-    def val_metrics(trainer: L.Trainer) -> dict:
-        return {"val_loss": trainer.callback_metrics.get("val_loss"), "val_acc": trainer.callback_metrics.get("val_acc")}
-
-    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str):
-        self.writes = trainer.is_global_zero  # one writer, whatever the number of processes
-
-    def write(self, row: dict):
-        if row["step"] <= self.written_step or not self.writes:
-            return
-        new = not self.path.exists()
-        try:
-            with open(self.path, "a", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
-                if new:
-                    writer.writeheader()
-                writer.writerow({k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in row.items()})
-        except OSError as e:
-            raise VitlabError(f"cannot write metrics {self.path}: {e.strerror or e} ({free_space(self.path)})") from None
-        self.written_step = row["step"]
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return read_checkpoint(Path(path))
 
 
 def launched_as_rank_zero() -> bool:
@@ -129,9 +52,11 @@ def launched_as_rank_zero() -> bool:
     return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
-def default_precision() -> str:
-    # bf16 matmuls are ~100x slower than fp32 on CPUs without AVX512-BF16: only use them on a GPU.
-    return "bf16-mixed" if torch.cuda.is_available() else "32-true"
+def default_precision(accelerator: str) -> str:
+    """bf16 mixed precision when training runs on a GPU, fp32 on a CPU: bf16 matmuls are ~100x
+    slower than fp32 on CPUs without AVX512-BF16. Follows trainer.accelerator, not whether a GPU exists."""
+    on_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if on_gpu else "32-true"
 
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> Path | None:
@@ -170,6 +95,56 @@ def note_length_change(saved: RunConfig, config: RunConfig):
                   file=sys.stderr)
 
 
+def build_callbacks(config: RunConfig, run_dir: Path, resume: bool, stops: StopRequests) -> list[L.Callback]:
+    """The run's callbacks, in the order they must act at each step."""
+    t = config.trainer
+    last = run_dir / "checkpoints" / "last.ckpt"
+    callbacks = [
+        DivergenceGuard(last),  # first: a diverged step stops before anything is saved
+        MetricsCSV(run_dir / "metrics.csv"),
+        LearningRateMonitor(logging_interval="step"),
+    ]
+    if t.ema_decay is not None:
+        callbacks.append(EMAWeightAveraging(decay=t.ema_decay))
+    if t.early_stopping_patience is not None:
+        # Lightning's patience counts validations: as many as span the patience in epochs. Deciding when
+        # validation ends, before the epoch's end, where LastCheckpoint saves the final state.
+        callbacks.append(EarlyStopping(monitor="val_loss", mode="min", check_on_train_epoch_end=False,
+                                       patience=math.ceil(t.early_stopping_patience / t.val_every_n_epochs)))
+    callbacks += [  # last: a checkpoint holds what every other callback did at that step (the EMA update)
+        LastCheckpoint(last, configs.parse_duration(t.checkpoint_every).total_seconds(), stops),
+        BestCheckpoint(run_dir / "checkpoints" / "best.ckpt", last, best_val_acc(run_dir) if resume else None),
+    ]
+    return callbacks
+
+
+def build_trainer(config: RunConfig, run_dir: Path, callbacks: list[L.Callback]) -> L.Trainer:
+    t = config.trainer
+    precision = default_precision(t.accelerator) if t.precision == "auto" else t.precision
+    if "bf16" in precision and (t.accelerator == "cpu" or not torch.cuda.is_available()):
+        print(f"warning: precision {precision} on a CPU is very slow on most CPUs; "
+              f"trainer.precision=32-true trains in fp32", file=sys.stderr)
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        use_distributed_sampler=False,  # the loaders shard by rank themselves (EpochBatches)
+        default_root_dir=run_dir,
+        max_epochs=-1 if t.max_epochs is None else t.max_epochs,
+        max_time=None if t.max_time is None else configs.parse_duration(t.max_time),
+        precision=precision,
+        gradient_clip_val=t.gradient_clip,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        enable_checkpointing=False,  # vitlab's own LastCheckpoint and BestCheckpoint write the checkpoints
+        logger=TensorBoardLogger(save_dir=run_dir, name="", version="tensorboard"),
+        log_every_n_steps=50,  # each log reads values back from the GPU: not every step
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=t.val_every_n_epochs,
+    )
+
+
 def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
     """Train a new run, or resume one (`config` then differs from the saved one at most in its
     length); returns the path of its last checkpoint."""
@@ -189,63 +164,28 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
     datamodule = ImageDataModule(config.data, config.model.image_size, seed=config.trainer.seed,
                                  compile=config.trainer.compile)
     datamodule.setup("fit")
+    classes = datamodule.classes
+    if config.model.num_classes is not None and config.model.num_classes != len(classes):
+        raise VitlabError(f"model.num_classes is {config.model.num_classes} but {config.data.source} has "
+                          f"{len(classes)} classes: leave model.num_classes unset, and it follows the data")
     if writer:
         if resume:
             note_length_change(configs.load(run_dir / "config.yaml"), config)
         # Only once the data has loaded, so a bad data set leaves no half-made run behind.
         configs.save(config, run_dir / "config.yaml")
-    model_config = dataclasses.replace(config.model, num_classes=len(datamodule.classes))
+    model_config = dataclasses.replace(config.model, num_classes=len(classes))
     module = Classifier(**Classifier.hparams_for(
-        model_config, config.optim, datamodule.classes, datamodule.mean, datamodule.std,
-        config.trainer.val_tta))
+        model_config, config.optim, classes, datamodule.mean, datamodule.std, config.trainer.val_tta))
     if init_weights is not None:
         load_init(module.model, init_weights, config.model.init)
     if config.trainer.compile:
         module.model.compile()  # in place: parameter names, and so checkpoints, stay the same
 
-    t = config.trainer
-    precision = default_precision() if t.precision == "auto" else t.precision
-    if "bf16" in precision and not torch.cuda.is_available():
-        print(f"warning: precision {precision} without a GPU is very slow on most CPUs; "
-              f"trainer.precision=32-true trains in fp32", file=sys.stderr)
-    metrics = MetricsCSV(run_dir / "metrics.csv")
     stops = StopRequests()
-    callbacks = [
-        DivergenceGuard(last),  # first: a diverged step stops before anything is saved
-        metrics,
-        LearningRateMonitor(logging_interval="step"),
-    ]
-    if t.ema_decay is not None:
-        callbacks.append(EMAWeightAveraging(decay=t.ema_decay))
-    if t.early_stopping_patience is not None:
-        # Deciding when validation ends, before the epoch's end, where LastCheckpoint saves the final state.
-        callbacks.append(EarlyStopping(monitor="val_loss", mode="min", patience=t.early_stopping_patience,
-                                       check_on_train_epoch_end=False))
-    callbacks += [  # last: a checkpoint holds what every other callback did at that step (the EMA update)
-        LastCheckpoint(last, configs.parse_duration(t.checkpoint_every).total_seconds(), stops),
-        BestCheckpoint(run_dir / "checkpoints" / "best.ckpt", last, best_val_acc(run_dir) if resume else None),
-    ]
-    trainer = L.Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=t.strategy,
-        use_distributed_sampler=False,  # the loaders shard by rank themselves (EpochBatches)
-        default_root_dir=run_dir,
-        max_epochs=-1 if t.max_epochs is None else t.max_epochs,
-        max_time=None if t.max_time is None else configs.parse_duration(t.max_time),
-        precision=precision,
-        gradient_clip_val=t.gradient_clip,
-        callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
-        enable_checkpointing=False,  # vitlab's own LastCheckpoint and BestCheckpoint write the checkpoints
-        logger=TensorBoardLogger(save_dir=run_dir, name="", version="tensorboard"),
-        log_every_n_steps=50,  # each log reads values back from the GPU: not every step
-        num_sanity_val_steps=0,
-        check_val_every_n_epoch=t.val_every_n_epochs,
-    )
+    trainer = build_trainer(config, run_dir, build_callbacks(config, run_dir, resume, stops))
     with stops:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = next(c for c in trainer.callbacks if isinstance(c, MetricsCSV))
     if metrics.pending is not None:  # the final weights are not validated yet
         trainer.validate(module, datamodule=datamodule, verbose=False)
     return last

@@ -1,15 +1,16 @@
-"""Checkpoints that survive crashes: how they are written, read, and when.
+"""The Lightning callbacks of a training run, each one concern:
 
-- `AtomicCheckpointIO` writes every checkpoint through vitlab.io (temp file + fsync + rename), so a
-  crash during a write leaves the previous checkpoint whole, and refuses weights that are not finite.
+- `MetricsCSV` appends one row per epoch to RUN_DIR/metrics.csv.
 - `LastCheckpoint` keeps RUN_DIR/checkpoints/last.ckpt current: every `trainer.checkpoint_every`
-  of wall time, when training ends, and when SIGTERM, SIGINT or SLURM's SIGUSR1 asks it to stop.
-  `BestCheckpoint` keeps best.ckpt, the best validation accuracy so far.
+  of wall time, when training ends, and when SIGTERM, SIGINT or SLURM's SIGUSR1 (noted by
+  `StopRequests`) asks it to stop. `BestCheckpoint` keeps best.ckpt, the best validation accuracy so far.
 - `DivergenceGuard` stops training at the first non-finite loss.
+Checkpoints themselves are written and read by vitlab.io (write_checkpoint, read_checkpoint).
 """
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import signal
@@ -19,11 +20,85 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.fabric.plugins import TorchCheckpointIO
 
-from vitlab import __version__
 from vitlab.errors import VitlabError
-from vitlab.io import CHECKPOINT_FORMAT, atomic_open, read_checkpoint
+from vitlab.io import atomic_open, free_space, read_metric_rows
+
+
+METRIC_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "elapsed_s"]
+
+
+class MetricsCSV(L.Callback):
+    """Appends one row per epoch to RUN_DIR/metrics.csv, flushed at once, so a run that is still
+    going (or was resumed) can be read and plotted; earlier rows are never rewritten, and a resumed
+    run writes each epoch's row once. `elapsed_s` is the run's training time, across resumes.
+
+    An epoch that was not validated gets empty val_* columns, except the run's final epoch: when a
+    time limit cuts it short, its row waits for the final validation that `train` runs, so the last
+    row always scores the final weights (those in last.ckpt).
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.start = time.monotonic()
+        self.elapsed_before = 0.0  # training time of the run before this process resumed it
+        self.validated_step = -1
+        self.writes = True
+        self.pending: dict | None = None  # the final epoch's row, until its validation
+        self.written_step = max((int(r["step"]) for r in read_metric_rows(path.parent)), default=-1)
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.monotonic() - self.start
+
+    def state_dict(self) -> dict:
+        return {"elapsed_s": self.elapsed()}
+
+    def load_state_dict(self, state: dict):
+        self.elapsed_before, self.start = state["elapsed_s"], time.monotonic()
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule):
+        self.validated_step = trainer.global_step
+        if self.pending is not None and self.pending["step"] == trainer.global_step:
+            self.write({**self.pending, **self.val_metrics(trainer)})
+            self.pending = None
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule):
+        row = {
+            "epoch": trainer.current_epoch,
+            "step": trainer.global_step,
+            "lr": trainer.optimizers[0].param_groups[0]["lr"],
+            **module.train_metrics(),
+            "val_loss": None,
+            "val_acc": None,
+            "elapsed_s": round(self.elapsed(), 1),
+        }
+        if self.validated_step == trainer.global_step:
+            self.write({**row, **self.val_metrics(trainer)})
+        elif trainer.should_stop or trainer.current_epoch + 1 == trainer.max_epochs:
+            self.pending = row
+        else:
+            self.write(row)
+
+    @staticmethod
+    def val_metrics(trainer: L.Trainer) -> dict:
+        return {"val_loss": trainer.callback_metrics.get("val_loss"), "val_acc": trainer.callback_metrics.get("val_acc")}
+
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str):
+        self.writes = trainer.is_global_zero  # one writer, whatever the number of processes
+
+    def write(self, row: dict):
+        if row["step"] <= self.written_step or not self.writes:
+            return
+        new = not self.path.exists()
+        try:
+            with open(self.path, "a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+                if new:
+                    writer.writeheader()
+                writer.writerow({k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in row.items()})
+        except OSError as e:
+            raise VitlabError(f"cannot write metrics {self.path}: {e.strerror or e} ({free_space(self.path)})") from None
+        self.written_step = row["step"]
 
 
 class Interrupted(VitlabError):
@@ -47,26 +122,6 @@ def requeue_slurm_job() -> str:
     if result.returncode != 0:
         return f"; could not requeue SLURM job {job} ({result.stderr.strip() or result.returncode})"
     return f"; requeued SLURM job {job}"
-
-
-def non_finite_tensors(state: dict) -> list[str]:
-    return [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint IO, writing atomically and durably, and never a non-finite model."""
-
-    def save_checkpoint(self, checkpoint: dict, path, storage_options=None):
-        bad = non_finite_tensors(checkpoint["state_dict"])
-        if bad:
-            raise VitlabError(f"refused to write checkpoint {path}: weights are not finite ({bad[0]}, ...); "
-                              f"training diverged (try a lower optim.lr or trainer.gradient_clip)")
-        checkpoint["vitlab"] = {"version": __version__, "format": CHECKPOINT_FORMAT}
-        with atomic_open(path, "checkpoint") as f:
-            torch.save(checkpoint, f)
-
-    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
-        return read_checkpoint(Path(path))
 
 
 class StopRequests:
