@@ -49,7 +49,7 @@ def processes(extra: list[str]) -> int:
 
 def pack(out: Path, count: int, image_size: int) -> str:
     from vitlab.data import shards
-    from vitlab.data.sources import make_fake
+    from vitlab.data.images import make_fake
 
     shards.pack_image_set(make_fake(num_images=count, image_size=image_size), out, "fake", None, 2)
     return f"shards:{out}"

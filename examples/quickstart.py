@@ -16,7 +16,7 @@ from pathlib import Path
 
 import vitlab
 from vitlab import plots
-from vitlab.data.datamodule import load_eval_set
+from vitlab.data.sources import load_eval_set
 from vitlab.evaluation import evaluate
 
 data = os.environ.get("VITLAB_DATA", "folder:/tmp/cifar10-jpeg/train")

@@ -35,8 +35,8 @@ run)
     tar -xzf .data/train.tar.gz -C /tmp/cifar10-jpeg
     python3 -c "
 from vitlab.config import DataConfig
-from vitlab.data.datamodule import load_train_val
-load_train_val(DataConfig(source='folder:$DATA'), 32)" 2>&1 | tail -2
+from vitlab.data.sources import open_source
+open_source(DataConfig(source='folder:$DATA'), 32).train_val()" 2>&1 | tail -2
     start=$(date +%s)
     python3 -m vitlab.cli train --preset gpu-5min --data "folder:$DATA" --run-dir /tmp/gpu-5min \
         > "$OUT/train.log" 2>&1 || { tail -40 "$OUT/train.log"; exit 1; }

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from vitlab import ViT, load_model
 from vitlab.cli import main
 from vitlab.config import DataConfig
-from vitlab.data.datamodule import load_eval_set
+from vitlab.data.sources import load_eval_set
 from tests.conftest import TINY, write_image_folder
 
 
@@ -94,6 +94,25 @@ def test_eval_json_agrees_with_training_validation(trained_run, capsys, tmp_path
     # Human-readable form too.
     code, out, _ = run_cli(capsys, "eval", "--checkpoint", last, "--data", f"folder:{images}", "--tta", "flip")
     assert code == 0 and "accuracy" in out and "green" in out
+
+
+def test_held_out_follows_the_split_the_checkpoint_records(trained_run, capsys, tmp_path):
+    """The run held out 0.25 of its folder: --held-out needs no flag to score exactly those images, and
+    another source or another fraction is an error, never a score on training images."""
+    images, run_dir = trained_run
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert load_model(last).data_split == {"source": f"folder:{images}", "val_fraction": 0.25, "split_seed": 0,
+                                           "skip_bad_images": False}
+    code, out, _ = run_cli(capsys, "eval", "--checkpoint", last, "--data", f"folder:{images}/../images", "--json",
+                           "--held-out")
+    assert code == 0 and json.loads(out)["n"] == 9
+    assert json.loads(out)["accuracy"] == pytest.approx(float(read_metrics(run_dir)[-1]["val_acc"]), abs=1e-6)
+    other = write_image_folder(tmp_path / "other", per_class=12)
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", last, "--data", f"folder:{other}", "--held-out")
+    assert code == 1 and f"was trained on folder:{images}, not folder:{other}" in err and err.count("\n") == 1
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", last, "--data", f"folder:{images}", "--held-out",
+                           "--val-fraction", "0.1")
+    assert code == 1 and "held out a fraction 0.25 of its data, not --val-fraction 0.1" in err
 
 
 def test_the_tiny_run_learned_the_colours(tmp_path, capsys):

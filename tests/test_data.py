@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vitlab.data import sources
+from vitlab.data import images as image_files
 from vitlab.data.augment import flip_translate, normalize, random_crop_flip, tutorial_geometry
 from vitlab.config import DataConfig, parse_source
-from vitlab.data.datamodule import ImageDataModule, load_eval_set, load_train_val
-from vitlab.data.sources import CIFAR, download_cifar, load_image_folder, read_image
+from vitlab.data.datamodule import ImageDataModule
+from vitlab.data.sources import load_eval_set, open_source
+from vitlab.data.images import CIFAR, download_cifar, load_image_folder, read_image
 from vitlab.errors import VitlabError
 from tests.conftest import write_fake_cifar10, write_image_folder
 
@@ -33,10 +34,11 @@ def fake_cifar_url(tmp_path, monkeypatch):
 def test_cifar_download_checks_and_parses_pickled_batches(tmp_path, fake_cifar_url):
     root = tmp_path / "data"
     config = DataConfig(source="cifar10", root=str(root))
-    train, val, mean, std = load_train_val(config, image_size=32)
+    train, val, mean, std = open_source(config, 32).train_val()
     # Validation is held out of the 100 train images; the 20 test images are only for `vitlab eval`.
     assert (len(train), len(val)) == (90, 10) and train.images.dtype == torch.uint8
-    assert train.classes == [f"c{i}" for i in range(10)] and mean == CIFAR["cifar10"].mean
+    assert train.classes == [f"c{i}" for i in range(10)]
+    assert (mean, std) == train.mean_std()  # the training part's statistics, as for every source
     test = load_eval_set(config, 32, train.classes)
     assert test.images.shape == (20, 3, 32, 32)
     # Row layout: 1024 red values, then green, then blue, each row-major.
@@ -48,7 +50,7 @@ def test_cifar_download_checks_and_parses_pickled_batches(tmp_path, fake_cifar_u
     assert torch.equal(held_out.images, val.images)
     # Once unpacked it is not downloaded again.
     fake_cifar_url.unlink()
-    assert len(load_train_val(config, image_size=32)[0]) == 90
+    assert len(open_source(config, 32).train_val()[0]) == 90
 
 
 def test_cifar_download_failure_says_how_to_use_a_local_copy(tmp_path, monkeypatch):
@@ -80,7 +82,7 @@ def test_folder_loading_resizes_any_mode_and_caches(tmp_path, monkeypatch):
     def no_decoding(*args):
         raise AssertionError("decoded again despite the cache")
 
-    monkeypatch.setattr(sources, "read_image", no_decoding)
+    monkeypatch.setattr(image_files, "read_image", no_decoding)
     again = load_image_folder(root, 16, cache)
     assert torch.equal(again.images, image_set.images) and again.paths == image_set.paths
 
@@ -123,11 +125,11 @@ def test_read_image_rejects_non_images(tmp_path):
 def test_split_is_fixed_by_its_seed_and_disjoint(tmp_path):
     root = write_image_folder(tmp_path / "imgs", per_class=10)
     config = DataConfig(source=f"folder:{root}", cache_dir=str(tmp_path / "cache"), val_fraction=0.2)
-    train, val, mean, std = load_train_val(config, 32)
+    train, val, mean, std = open_source(config, 32).train_val()
     assert (len(train), len(val)) == (24, 6)
     assert not set(train.paths) & set(val.paths)
-    assert load_train_val(config, 32)[1].paths == val.paths
-    other = load_train_val(dataclasses.replace(config, split_seed=1), 32)[1]
+    assert open_source(config, 32).train_val()[1].paths == val.paths
+    other = open_source(dataclasses.replace(config, split_seed=1), 32).train_val()[1]
     assert other.paths != val.paths
     # Statistics are computed on the training part, in [0, 1] units.
     assert 0.2 < mean[0] < 0.8 and 0.05 < std[0] < 0.5
@@ -137,7 +139,7 @@ def test_sibling_val_folder_is_used_as_validation(tmp_path):
     train_root = write_image_folder(tmp_path / "ds" / "train", per_class=4)
     write_image_folder(tmp_path / "ds" / "val", per_class=2)
     config = DataConfig(source=f"folder:{train_root}", cache_dir=str(tmp_path / "cache"))
-    train, val, _, _ = load_train_val(config, 32)
+    train, val, _, _ = open_source(config, 32).train_val()
     assert (len(train), len(val)) == (12, 6)
     assert all("/val/" in p for p in val.paths)
 
@@ -161,7 +163,7 @@ def test_unknown_source_is_refused():
 
 def test_fake_source_makes_as_many_images_as_asked():
     assert parse_source("fake") == ("fake", 2000) and parse_source("fake:300") == ("fake", 300)
-    train, val, _, _ = load_train_val(DataConfig(source="fake:300"), 32)
+    train, val, _, _ = open_source(DataConfig(source="fake:300"), 32).train_val()
     assert (len(train), len(val)) == (270, 30)
     for bad in ("fake:1", "fake:many", "fake:"):
         with pytest.raises(VitlabError, match=re.escape(f"data source '{bad}': fake:N needs a number of images N of 2 or more")):

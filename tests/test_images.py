@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from vitlab.data import sources
-from vitlab.data.sources import ImageSet, load_image_folder, read_image
+from vitlab.data import images as image_files
+from vitlab.data.images import ImageSet, load_image_folder, read_image
 from vitlab.errors import VitlabError
 from vitlab.evaluation import evaluate
 from vitlab.inference import predict
@@ -186,14 +186,14 @@ def fail_to_decode(*args):
 
 def decode_and_note(root: Path, cache: Path, notes: Path):
     """In a child process: load root through the cache, noting in `notes` each time it is decoded."""
-    decode = sources.decode_folder
+    decode = image_files.decode_folder
 
     def decode_noted(*args):
         with open(notes, "a") as f:
             f.write("decoded\n")
         return decode(*args)
 
-    sources.decode_folder = decode_noted
+    image_files.decode_folder = decode_noted
     load_image_folder(root, 16, cache)
 
 
@@ -213,7 +213,7 @@ def test_two_processes_decoding_one_folder_at_once_leave_one_valid_cache(tmp_pat
     assert notes.read_text().splitlines() == ["decoded"]  # one decoded, the other waited and read the cache
     [cache_file] = cache.glob("*.pt")
     assert not list(cache.glob("*.tmp"))  # no temporary file left behind
-    monkeypatch.setattr(sources, "read_image", fail_to_decode)
+    monkeypatch.setattr(image_files, "read_image", fail_to_decode)
     assert len(load_image_folder(root, 16, cache)) == 6
 
 
@@ -247,7 +247,7 @@ def test_damaged_decode_cache_is_noted_and_replaced(tmp_path, capsys, monkeypatc
     assert note.startswith(f"decode cache {cache_file} is damaged (")
     assert note.endswith("); decoding the folder again")
     # The cache was rewritten whole: the next load decodes nothing.
-    monkeypatch.setattr(sources, "read_image", fail_to_decode)
+    monkeypatch.setattr(image_files, "read_image", fail_to_decode)
     assert torch.equal(load_image_folder(root, 16, cache).images, fresh.images)
 
 
@@ -261,7 +261,7 @@ def test_mean_std_in_chunks_equals_the_whole_set_formula():
 
 MEAN_STD_PEAK_MEMORY = """
 import resource, torch
-from vitlab.data.sources import ImageSet
+from vitlab.data.images import ImageSet
 images = torch.empty(4096, 3, 64, 64, dtype=torch.uint8).random_(0, 256)  # 48 MiB
 image_set = ImageSet(images, torch.zeros(len(images), dtype=torch.long), ["a"])
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

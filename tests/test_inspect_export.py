@@ -4,6 +4,7 @@ import json
 import re
 
 import numpy as np
+import onnx
 import onnxruntime
 import pytest
 import torch
@@ -219,3 +220,18 @@ def test_tta_averages_logits_of_mirrored_and_translated_views():
     assert batch_sizes == [12, 12, 6]  # batch_size counts views: 2 images a pass
     with pytest.raises(VitlabError, match="unknown test-time augmentation 'crop'"):
         predict_logits(model, images, tta="crop")
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "onnx"])
+def test_an_export_does_not_carry_the_local_path_its_weights_started_from(run, tmp_path, fmt):
+    from vitlab.export import export
+    from vitlab.io import read_safetensors
+
+    _, _, ckpt = run
+    model = load_model(ckpt)
+    model.config.init = "/home/someone/private-projects/start.ckpt"  # as a run fine-tuned with model.init has
+    out = tmp_path / f"model.{fmt}"
+    export(model, fmt, out)
+    meta = read_safetensors(out)[1] if fmt == "safetensors" else {p.key: p.value for p in onnx.load(out).metadata_props}
+    assert "private-projects" not in json.dumps(meta) and json.loads(meta["vitlab.config"])["init"] is None
+    assert json.loads(meta["vitlab.config"])["dim"] == model.config.dim

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import shutil
+from pathlib import Path
 
 import lightning as L
 import litdata
@@ -15,7 +16,9 @@ import torch
 from PIL import Image
 
 from vitlab.data import shards
-from vitlab.data.sources import ImageSet, make_fake, read_image
+from vitlab.config import DataConfig
+from vitlab.data.images import ImageSet, make_fake, read_image, split_indices
+from vitlab.data.sources import open_source
 from vitlab.errors import VitlabError
 from tests.conftest import CLASS_COLOURS, write_image_folder
 from tests.test_images import time_limit
@@ -62,7 +65,7 @@ def test_pack_round_trip_keeps_every_image_its_label_and_its_bytes(packed):
         assert item["image"] == (root / name).read_bytes()  # a PNG at the image size is kept as it is
     assert shards.read_manifest(str(out)) == manifest
     folder = ImageSet(torch.stack([read_image(root / n, 32) for n in items]), torch.zeros(36), CLASSES)
-    assert manifest.mean == pytest.approx(folder.mean_std()[0]) and manifest.std == pytest.approx(folder.mean_std()[1])
+    assert sum(shards.train_mean_std(manifest, list(range(36))), ()) == pytest.approx(sum(folder.mean_std(), ()))
 
 
 def test_streamed_pixels_are_the_folder_pixels_exactly(packed):
@@ -75,7 +78,7 @@ def test_streamed_pixels_are_the_folder_pixels_exactly(packed):
 
 def test_a_pack_loads_into_memory_for_evaluation(packed):
     root, out, manifest = packed
-    _, held_out = shards.split_indices(manifest.count, 0.25, seed=0)
+    _, held_out = shards.split(manifest, 0.25, seed=0)
     loaded = shards.load_shards(str(out), 32, held_out, num_workers=1)
     assert loaded.classes == CLASSES and len(loaded) == 9 and len(set(loaded.paths)) == 9
     names = list(stored_items(out))  # in pack order
@@ -106,7 +109,7 @@ def test_an_in_memory_set_packs_exactly(tmp_path):
     fake = make_fake(num_images=20, num_classes=4, image_size=16)
     manifest = shards.pack_image_set(fake, tmp_path / "shards", "fake", num_workers=2)
     assert manifest.classes == fake.classes and manifest.count == 20 and manifest.image_size == 16
-    assert manifest.mean == pytest.approx(fake.mean_std()[0]) and manifest.std == pytest.approx(fake.mean_std()[1])
+    assert sum(shards.train_mean_std(manifest, list(range(20))), ()) == pytest.approx(sum(fake.mean_std(), ()))
     loader = shards.shard_loader(shards.shard_dataset(str(tmp_path / "shards"), 16, names=True), 6)
     for images, labels, names in loader:
         for image, label, name in zip(images, labels, names):
@@ -135,22 +138,22 @@ def test_a_streamed_epoch_sees_each_image_once_in_a_seeded_order(packed, num_wor
 
 def test_the_held_out_split_is_fixed_by_its_seed_and_disjoint_from_training(packed):
     _, out, manifest = packed
-    train, held_out = shards.split_indices(manifest.count, 0.25, seed=3)
+    train, held_out = shards.split(manifest, 0.25, seed=3)
     assert len(held_out) == 9 and sorted(train + held_out) == list(range(36))
-    assert shards.split_indices(36, 0.25, seed=3) == (train, held_out)
-    assert len({tuple(shards.split_indices(36, 0.25, seed)[1]) for seed in range(5)}) > 1
+    assert shards.split(manifest, 0.25, seed=3) == (train, held_out)
+    assert len({tuple(shards.split(manifest, 0.25, seed)[1]) for seed in range(5)}) > 1
     seen_train = streamed_names(shards.shard_loader(shards.shard_dataset(str(out), 32, train, True, names=True), 4))
     seen_held_out = streamed_names(shards.shard_loader(shards.shard_dataset(str(out), 32, held_out, names=True), 4))
     assert len(set(seen_train)) == 27 == len(seen_train) and len(seen_held_out) == 9
     assert sorted(seen_train + seen_held_out) == sorted(stored_items(out))
     with pytest.raises(VitlabError, match="leaves no training"):
-        shards.split_indices(3, 0.1, 0)
+        split_indices(3, 0.1, 0)
 
 
 @pytest.mark.parametrize("workers_before, workers_after", [(0, 0), (2, 2), (2, 1)])
 def test_a_loader_stopped_mid_epoch_resumes_with_the_images_it_had_not_given(packed, workers_before, workers_after):
     _, out, manifest = packed
-    train, _ = shards.split_indices(manifest.count, 0.25, seed=0)
+    train, _ = shards.split(manifest, 0.25, seed=0)
 
     def loader(num_workers):
         dataset = shards.shard_dataset(str(out), 32, train, shuffle=True, seed=1, names=True)
@@ -309,3 +312,33 @@ def test_larger_images_stream_at_128_pixels(tmp_path, capsys):
     code, _, _ = run_cli(capsys, "train", "--data", f"shards:{tmp_path / 'packed'}", "--run-dir", tmp_path / "run",
                          "--max-epochs", "1", *TINY, "data.batch_size=4", "model.image_size=128", "model.patch_size=16")
     assert code == 0
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_folder_and_its_pack_hold_out_the_same_images_and_normalise_alike(tmp_path, skip):
+    """One split rule and one statistics rule: packing a folder changes neither which images are held
+    out nor the normalisation, which comes from the training images alone (with an unreadable image
+    skipped too)."""
+    root = write_image_folder(tmp_path / "images", per_class=10)
+    if skip:
+        (root / "green" / "0b.png").write_bytes(b"not an image")  # lists between green/0.png and green/1.png
+    shards.pack_folder(root, tmp_path / "packed", 32, skip_bad_images=skip)
+    for seed in (0, 1):
+        config = DataConfig(source=f"folder:{root}", val_fraction=0.3, split_seed=seed, skip_bad_images=skip,
+                            cache_dir=str(tmp_path / "cache"))
+        folder_train, folder_val, *folder_stats = open_source(config, 32).train_val()
+        packed = open_source(DataConfig(source=f"shards:{tmp_path / 'packed'}", val_fraction=0.3, split_seed=seed), 32)
+        train, val, *stats = packed.train_val()
+        held_out = packed.held_out()
+        assert sorted(held_out.paths) == sorted(str(Path(p).relative_to(root)) for p in folder_val.paths)
+        assert len(train) == len(folder_train) and len(val) == len(folder_val) == 9
+        assert sum(stats, ()) == pytest.approx(sum(folder_stats, ())) != sum(held_out.mean_std(), ())
+
+
+def test_a_pack_of_an_older_format_is_refused(packed, tmp_path):
+    _, out, _ = packed
+    shutil.copytree(out, tmp_path / "older")
+    older = {**json.loads((out / "vitlab.json").read_text()), "format": 1}
+    (tmp_path / "older" / "vitlab.json").write_text(json.dumps(older))
+    with pytest.raises(VitlabError, match="packed by an older vitlab .format 1.*pack the images again"):
+        shards.read_manifest(str(tmp_path / "older"))

@@ -127,14 +127,17 @@ def cmd_train(args):
 
 def cmd_eval(args):
     from vitlab import config as configs
-    from vitlab.data.datamodule import load_eval_set
+    from vitlab.data.sources import load_eval_set
     from vitlab.evaluation import evaluate, write_report
     from vitlab.inference import load_model
 
     if args.tta not in configs.TTA_NAMES:
         raise VitlabError(f"--tta must be one of {', '.join(configs.TTA_NAMES)}, not '{args.tta}'")
     model = load_model(args.checkpoint)
-    data = configs.resolve(flags=data_flag_values(args)).data
+    flags = data_flag_values(args)
+    if args.held_out:
+        flags["data"].update(held_out_split(args, model.data_split))
+    data = configs.resolve(flags=flags).data
     image_set = load_eval_set(data, model.config.image_size, model.class_names, held_out=args.held_out)
     result, logits = evaluate(model, image_set, tta=args.tta)
     if args.report:
@@ -146,6 +149,25 @@ def cmd_eval(args):
     width = max(map(len, result["per_class"]))
     for name, acc in result["per_class"].items():
         print(f"  {name:<{width}}  {acc:.4f}")
+
+
+def held_out_split(args, recorded: dict | None) -> dict:
+    """The data config keys that fix which images a checkpoint's run held out: those it recorded;
+    an export or an older checkpoint records none, and the flags (or the defaults) are assumed."""
+    from vitlab.data.sources import same_source
+
+    if recorded is None:
+        fraction = args.val_fraction if args.val_fraction is not None else 0.1
+        print(f"note: {args.checkpoint} does not record which images its run held out: assuming "
+              f"--val-fraction {fraction} and split seed 0", file=sys.stderr)
+        return {}
+    if not same_source(recorded["source"], args.data):
+        raise VitlabError(f"--held-out: {args.checkpoint} was trained on {recorded['source']}, not {args.data}; "
+                          f"its held-out images are a part of {recorded['source']}")
+    if args.val_fraction is not None and args.val_fraction != recorded["val_fraction"]:
+        raise VitlabError(f"--held-out: {args.checkpoint} held out a fraction {recorded['val_fraction']} of its "
+                          f"data, not --val-fraction {args.val_fraction} (leave the flag out)")
+    return {k: recorded[k] for k in ("val_fraction", "split_seed", "skip_bad_images")}
 
 
 def cmd_predict(args):
@@ -214,22 +236,12 @@ def cmd_export(args):
 
 
 def cmd_pack(args):
-    from vitlab.data import shards
-    from vitlab.config import DataConfig, parse_source
-    from vitlab.data.datamodule import load_cifar
-    from vitlab.data.sources import make_fake
+    from vitlab import config as configs
+    from vitlab.data.sources import open_source
 
-    kind, path = parse_source(args.source)
-    if kind == "folder":
-        manifest = shards.pack_folder(path, args.out, args.image_size, args.jpeg_quality, bool(args.skip_bad_images),
-                                      args.workers)
-    elif kind == "shards":
-        raise VitlabError(f"{args.source} is packed already")
-    else:
-        config = DataConfig(source=kind, root=args.data_root or "data")
-        images = (make_fake(path, image_size=args.image_size) if kind == "fake"
-                  else load_cifar(kind, config, args.image_size, train=args.split == "train"))
-        manifest = shards.pack_image_set(images, args.out, f"{kind}-{args.split}", args.jpeg_quality, args.workers)
+    data = configs.resolve(flags={"data": {**data_flag_values(args)["data"], "source": args.source}}).data
+    manifest = open_source(data, args.image_size).pack(args.out, args.jpeg_quality, args.workers,
+                                                       test=args.split == "test")
     print(f"packed {manifest.count} images of {len(manifest.classes)} classes into {args.out}")
 
 

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from vitlab.data.augment import normalize
-from vitlab.data.sources import read_image
+from vitlab.data.images import read_image
 from vitlab.errors import VitlabError
 from vitlab.inference import expand_image_paths, load_model
 from vitlab.inspection import attention_summary

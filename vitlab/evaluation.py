@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from vitlab.data.augment import flip_translate, normalize
-from vitlab.data.sources import ImageSet
+from vitlab.data.images import ImageSet
 from vitlab.errors import VitlabError
 from vitlab.io import atomic_write
 from vitlab.model import ViT

@@ -17,9 +17,10 @@ FORMATS = ("onnx", "safetensors")
 
 
 def metadata(model: ViT) -> dict[str, str]:
-    """What a user of the exported file needs besides the weights, as JSON strings."""
+    """What a user of the exported file needs besides the weights, as JSON strings. Not where its
+    weights started (model.init): a path on the trainer's machine is no business of the model's users."""
     return {
-        "vitlab.config": json.dumps(asdict(model.config)),
+        "vitlab.config": json.dumps({**asdict(model.config), "init": None}),
         "vitlab.class_names": json.dumps(model.class_names),
         "vitlab.image_mean": json.dumps(list(model.image_mean)),
         "vitlab.image_std": json.dumps(list(model.image_std)),

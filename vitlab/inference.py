@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 
-from vitlab.data.sources import is_image_file, read_image
+from vitlab.data.images import is_image_file, read_image
 from vitlab.errors import VitlabError
 from vitlab.evaluation import predict_logits
 from vitlab.export import read_metadata
@@ -46,8 +46,10 @@ def load_model(checkpoint_path: Path | str) -> ViT:
     hparams = checkpoint["hyper_parameters"]
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    return build_model(path, hparams["model"], state, hparams["class_names"], hparams["image_mean"],
-                       hparams["image_std"])
+    model = build_model(path, hparams["model"], state, hparams["class_names"], hparams["image_mean"],
+                        hparams["image_std"])
+    model.data_split = hparams.get("data_split")  # which images its run held out (older checkpoints: None)
+    return model
 
 
 class OnnxModel:

@@ -235,6 +235,7 @@ class ViT(nn.Module):
         self.class_names: list[str] | None = None
         self.image_mean: tuple[float, ...] | None = None
         self.image_std: tuple[float, ...] | None = None
+        self.data_split: dict | None = None  # the images its training held out (source, fraction, seed)
 
         self.patch_embed = PatchEmbed(config) if config.tokenizer == "patch" else ConvTokenizer(config)
         use_cls = config.pool == "cls"

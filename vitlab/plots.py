@@ -151,7 +151,7 @@ def plot_attention_of_images(model, paths: list, out: Path):
     """`plot_attention` for image files and a model from load_model: each image resized as in
     training, titled with the predicted class and its probability."""
     from vitlab.data.augment import normalize
-    from vitlab.data.sources import read_image
+    from vitlab.data.images import read_image
     from vitlab.inspection import attention_summary
 
     images = torch.stack([read_image(p, model.config.image_size) for p in paths])

@@ -16,94 +16,10 @@ from vitlab.data.augment import (
     random_crop_flip,
     tutorial_geometry,
 )
-from vitlab.data.sources import (
-    CIFAR,
-    ImageSet,
-    download_cifar,
-    load_image_folder,
-    make_fake,
-    read_cifar_batches,
-    resize_images,
-)
-from vitlab.config import DataConfig, parse_source
+from vitlab.config import DataConfig
+from vitlab.data.images import ImageSet
+from vitlab.data.sources import open_source
 from vitlab.errors import VitlabError
-
-
-def align_classes(image_set: ImageSet, classes: list[str], where: str) -> ImageSet:
-    """Relabel image_set so that its labels index `classes` (e.g. a checkpoint's class names)."""
-    unknown = [c for c in image_set.classes if c not in classes]
-    if unknown:
-        raise VitlabError(f"{where} has classes the model does not know: {', '.join(unknown)}")
-    mapping = torch.tensor([classes.index(c) for c in image_set.classes])
-    return ImageSet(image_set.images, mapping[image_set.labels], classes, image_set.paths)
-
-
-def split_train_val(image_set: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
-    """A fixed, seeded random split: the same images are held out in every run with this seed."""
-    n_val = round(len(image_set) * fraction)
-    if not 0 < n_val < len(image_set):
-        raise VitlabError(
-            f"--val-fraction {fraction} of {len(image_set)} images leaves no training or validation images"
-        )
-    order = torch.randperm(len(image_set), generator=torch.Generator().manual_seed(seed))
-    return image_set.subset(order[n_val:]), image_set.subset(order[:n_val])
-
-
-def load_folder(path: Path, config: DataConfig, image_size: int) -> ImageSet:
-    return load_image_folder(path, image_size, Path(config.cache_dir).expanduser(), config.skip_bad_images)
-
-
-def load_cifar(name: str, config: DataConfig, image_size: int, train: bool) -> ImageSet:
-    spec = CIFAR[name]
-    folder = download_cifar(name, Path(config.root).expanduser())
-    image_set = read_cifar_batches(folder, spec, spec.train_files if train else spec.test_files)
-    image_set.images = resize_images(image_set.images, image_size)
-    return image_set
-
-
-def load_train_val(config: DataConfig, image_size: int) -> tuple[ImageSet, ImageSet, tuple, tuple]:
-    """(train, val, mean, std) for a source. Validation is a sibling `val/` folder when there is one,
-    else a seeded part of train. CIFAR's test split is never used in training: `vitlab eval` scores it."""
-    kind, path = parse_source(config.source)
-    if kind in CIFAR:
-        images = load_cifar(kind, config, image_size, train=True)
-    elif kind == "fake":
-        images = make_fake(num_images=path, image_size=image_size)
-    else:
-        images = load_folder(path, config, image_size)
-        sibling = path.resolve().parent / "val"
-        if path.resolve().name != "val" and sibling.is_dir():
-            val = align_classes(load_folder(sibling, config, image_size), images.classes, str(sibling))
-            return images, val, *images.mean_std()
-    train, val = split_train_val(images, config.val_fraction, config.split_seed)
-    mean, std = (CIFAR[kind].mean, CIFAR[kind].std) if kind in CIFAR else train.mean_std()
-    return train, val, mean, std
-
-
-def load_eval_set(config: DataConfig, image_size: int, classes: list[str], held_out: bool = False) -> ImageSet:
-    """The images `vitlab eval` scores: with held_out, the validation part of the source exactly as
-    training splits it (fake data has only that); else CIFAR's test split or every image of a folder."""
-    kind, path = parse_source(config.source)
-    if kind == "shards":  # streamed data, decoded into memory for scoring
-        from vitlab.data import shards
-
-        indices = None
-        if held_out:
-            count = shards.read_manifest(path).count
-            indices = shards.split_indices(count, config.val_fraction, config.split_seed)[1]
-        image_set = shards.load_shards(path, image_size, indices, cache_dir=shard_cache(config))
-    elif held_out or kind == "fake":
-        image_set = load_train_val(config, image_size)[1]
-    elif kind in CIFAR:
-        image_set = load_cifar(kind, config, image_size, train=False)
-    else:
-        image_set = load_folder(path, config, image_size)
-    return align_classes(image_set, classes, f"data folder {path}" if kind == "folder" else config.source)
-
-
-def shard_cache(config: DataConfig) -> Path:
-    """Where chunks of remote shards are cached (at most data.shard_cache_size of them)."""
-    return Path(config.cache_dir).expanduser() / "shards"
 
 
 class ImageTensorDataset(Dataset):
@@ -208,36 +124,27 @@ class ImageDataModule(L.LightningDataModule):
         self.seed = seed
         self.compile = compile
         self.train_augment = None  # self.augment, compiled or not: decided at the first training batch
-        self.train_set = self.val_set = None
-        self.manifest = None  # for shards: sources, which stream instead of living in memory
+        self.source = None  # the Source config.source names, once set up
+        self.train = self.val = None  # ImageSets in memory, or for a streamed source the items' indices
         self.mean = self.std = None
 
     def setup(self, stage: str | None = None):
-        if self.train_set is not None or self.manifest is not None:
+        if self.source is not None:
             return
-        kind, location = parse_source(self.config.source)
-        if kind == "shards":
-            from vitlab.data import shards
-
-            self.manifest = shards.read_manifest(location)
-            self.train_indices, self.val_indices = shards.split_indices(
-                self.manifest.count, self.config.val_fraction, self.config.split_seed)
-            self.mean, self.std = self.manifest.mean, self.manifest.std
-        else:
-            self.train_set, self.val_set, self.mean, self.std = load_train_val(self.config, self.image_size)
+        self.source = open_source(self.config, self.image_size)
+        self.train, self.val, self.mean, self.std = self.source.train_val()
 
     @property
     def classes(self) -> list[str]:
-        return self.manifest.classes if self.manifest is not None else self.train_set.classes
+        return self.source.classes if self.source.streams else self.train.classes
 
     def shard_loader(self, indices: list[int], train: bool):
         """A streaming loader over part of a pack: decoding in the loader's workers, split across
         ranks and workers by LitData, resumable mid-epoch."""
         from vitlab.data import shards
 
-        dataset = shards.shard_dataset(parse_source(self.config.source)[1], self.image_size, indices, shuffle=train,
-                                       seed=self.seed, cache_dir=shard_cache(self.config),
-                                       max_cache_size=self.config.shard_cache_size)
+        dataset = shards.shard_dataset(self.source.location, self.image_size, indices, shuffle=train, seed=self.seed,
+                                       cache_dir=self.source.cache_dir, max_cache_size=self.config.shard_cache_size)
         return shards.shard_loader(dataset, self.config.batch_size, self.config.num_workers)
 
     def in_memory_loader(self, image_set: ImageSet, train: bool) -> ResumableLoader:
@@ -248,15 +155,14 @@ class ImageDataModule(L.LightningDataModule):
                                device=device, **self.shard())
         return ResumableLoader(ImageTensorDataset(on_device), batches)
 
+    def loader(self, part, train: bool):
+        return self.shard_loader(part, train) if self.source.streams else self.in_memory_loader(part, train)
+
     def train_dataloader(self):
-        if self.manifest is not None:
-            return self.shard_loader(self.train_indices, train=True)
-        return self.in_memory_loader(self.train_set, train=True)
+        return self.loader(self.train, train=True)
 
     def val_dataloader(self):
-        if self.manifest is not None:
-            return self.shard_loader(self.val_indices, train=False)
-        return self.in_memory_loader(self.val_set, train=False)
+        return self.loader(self.val, train=False)
 
     def shard(self) -> dict:
         """This process's share of the data: its rank among the training processes."""

@@ -2,11 +2,14 @@
 
 For data larger than memory. `pack_folder` / `pack_image_set` write a source's images with
 `litdata.optimize` (chunk-*.bin files and an index.json) and, last, a manifest DIR/vitlab.json
-(class names, image size, count, normalisation statistics): a folder without it is not a finished
-pack. Each item is {"image": encoded bytes, "label": class index, "name": where it came from}; a
+(class names, image size, count, and for each item its place in the source and its pixel sums): a
+folder without it is not a finished pack. Each item is {"image": encoded bytes, "label": class index, "name": where it came from}; a
 JPEG or PNG file already at the image size is kept byte for byte, anything else is stored as PNG
 (lossless) or, when asked, as JPEG at a stated quality. Items are written in a seeded random order:
 LitData reads a chunk's items together, so chunks of one class each would make batches of one class.
+The manifest's `order` maps each item back to its place in the source (a folder's listing, a CIFAR
+batch), so a pack holds out the same images as its source (`split`), and its `pixel_sums` give the
+statistics of the training part alone (`train_mean_std`).
 
 `shard_dataset` streams a pack from a local folder or a bucket (s3://, gs://, ...; remote chunks go
 through a bounded local cache) as (uint8 image (3, S, S), int64 label) items, decoded in the
@@ -31,7 +34,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from vitlab.data.sources import ImageSet, list_image_folder, read_image
+from vitlab.data.images import ImageSet, image_sums, list_image_folder, mean_std, read_image, split_indices
 from vitlab.errors import VitlabError
 from vitlab.io import atomic_write
 
@@ -42,7 +45,7 @@ import litdata  # noqa: E402
 from litdata.streaming.downloader import get_downloader  # noqa: E402
 
 MANIFEST = "vitlab.json"
-FORMAT = 1  # bumped when the items or the manifest change in a way older vitlab versions cannot read
+FORMAT = 2  # bumped when the items or the manifest change in a way older vitlab versions cannot read
 CHUNK_BYTES = "64MB"  # LitData's advice: big enough for throughput from buckets, small enough to cache
 PACK_ORDER_SEED = 0
 REMOTE_PREFIXES = ("s3://", "gs://", "r2://", "azure://", "local:")  # LitData reads "local:" as a bucket: tests
@@ -53,8 +56,8 @@ class Manifest:
     classes: list[str]
     image_size: int
     count: int  # items in the pack
-    mean: tuple[float, ...]  # per channel, in [0, 1] units, of the packed images as decoded
-    std: tuple[float, ...]
+    order: list[int]  # of each item, its index among the source's readable images (a folder's listing order)
+    pixel_sums: list[list[float]]  # of each item as decoded, image_sums: [[sum per channel], [sum of squares]]
 
 
 # --- packing -------------------------------------------------------------------------------------
@@ -80,7 +83,7 @@ def pack_image_set(image_set: ImageSet, out_dir: Path, name: str, jpeg_quality: 
 def pack(items: list[tuple[Path | torch.Tensor, int, str]], classes: list[str], out_dir: Path, image_size: int,
          jpeg_quality: int | None, skip_bad_images: bool, num_workers: int, chunk_bytes: int | str) -> Manifest:
     """Write items (image file or uint8 (3, S, S) tensor, label, name) as chunks, then read them
-    back as training will: that pass finds unreadable files and measures mean and std."""
+    back as training will: that pass finds unreadable files and sums each item's pixels."""
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise VitlabError(f"pack output {out_dir} exists and is not an empty folder: choose a new folder")
     if jpeg_quality is not None and not 1 <= jpeg_quality <= 95:
@@ -96,8 +99,9 @@ def pack(items: list[tuple[Path | torch.Tensor, int, str]], classes: list[str], 
             start_method="fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn",
         )
         written = any(out_dir.glob("chunk-*.bin"))
-        names, mean, std = read_back(out_dir, image_size, num_workers) if written else (set(), None, None)
-        unreadable = [source for source, _, name in items if name not in names]
+        names, sums = read_back(out_dir, image_size) if written else ([], [])
+        kept = set(names)
+        unreadable = [source for source, _, name in items if name not in kept]
         if unreadable and not skip_bad_images:
             raise VitlabError(f"{why_unreadable(unreadable[0], image_size)} "
                               f"(use --skip-bad-images to skip unreadable images)")
@@ -108,7 +112,9 @@ def pack(items: list[tuple[Path | torch.Tensor, int, str]], classes: list[str], 
         raise
     if unreadable:
         print(f"skipped {len(unreadable)} unreadable images, e.g. {unreadable[0]}", file=sys.stderr)
-    manifest = Manifest(list(classes), image_size, len(names), mean, std)
+    # An item's place among the readable images, in the order the source lists them.
+    place = {name: i for i, name in enumerate(name for _, _, name in items if name in kept)}
+    manifest = Manifest(list(classes), image_size, len(names), [place[n] for n in names], sums)
     atomic_write(out_dir / MANIFEST, json.dumps({"format": FORMAT, **asdict(manifest)}, indent=1), "shard manifest")
     return manifest
 
@@ -154,20 +160,14 @@ def encode_image(source: Path | torch.Tensor, image_size: int, jpeg_quality: int
     return out.getvalue()
 
 
-def read_back(out_dir: Path, image_size: int, num_workers: int) -> tuple[set[str], tuple, tuple]:
-    """(names of the items, per-channel mean, std) of a pack, read as training reads it. Sums in
-    float64 over batches, as ImageSet.mean_std does."""
-    loader = shard_loader(shard_dataset(str(out_dir), image_size, names=True), 256, num_workers)
-    sums, squares, names = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), set()
-    for images, _, batch_names in loader:
-        x = images.double()  # (B, 3, S, S)
-        sums += x.sum((0, 2, 3))
-        squares += x.square_().sum((0, 2, 3))
-        names.update(batch_names)
-    count = len(names) * image_size * image_size  # values per channel
-    mean = sums / count
-    var = (squares - count * mean.square()) / (count - 1)
-    return names, tuple((mean / 255).tolist()), tuple((var.clamp_min(0).sqrt() / 255).tolist())
+def read_back(out_dir: Path, image_size: int) -> tuple[list[str], list[list[float]]]:
+    """The names and pixel sums (image_sums) of a pack's items, in item order, read as training reads
+    them. One process: the items must come back in order."""
+    names, sums = [], []
+    for images, _, batch_names in shard_loader(shard_dataset(str(out_dir), image_size, names=True), 256):
+        names += batch_names
+        sums += image_sums(images).tolist()
+    return names, sums
 
 
 # --- streaming -----------------------------------------------------------------------------------
@@ -224,25 +224,30 @@ def read_manifest(location: str) -> Manifest:
         text = (folder / MANIFEST).read_text()
     try:
         fields = json.loads(text)
-        if fields.pop("format") > FORMAT:
+        found = fields.pop("format")
+        if found > FORMAT:
             raise VitlabError(f"{location} was packed by a newer vitlab (this one reads up to format {FORMAT}): "
                               f"upgrade vitlab")
-        return Manifest(**{**fields, "mean": tuple(fields["mean"]), "std": tuple(fields["std"])})
+        if found < FORMAT:
+            raise VitlabError(f"{location} was packed by an older vitlab (format {found}; this one reads "
+                              f"format {FORMAT}): pack the images again with vitlab pack")
+        return Manifest(**fields)
     except (ValueError, KeyError, TypeError):
         raise VitlabError(f"{location}/{MANIFEST} is damaged (not a vitlab shard manifest)") from None
 
 
-def split_indices(count: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train, held-out) item indices: a fixed, seeded part of the pack, the same in every run with
-    this seed. Items are packed in random order, so a run of consecutive items is a random sample,
-    and LitData reads a run as a few ranges of chunks (a scattered choice would be one range per item)."""
-    n_val = round(count * fraction)
-    if not 0 < n_val < count:
-        raise VitlabError(f"--val-fraction {fraction} of {count} images leaves no training or validation images")
-    start = int(torch.randint(count, (1,), generator=torch.Generator().manual_seed(seed)))
-    held_out = [(start + i) % count for i in range(n_val)]  # may wrap around the end
-    train = [(start + i) % count for i in range(n_val, count)]
-    return train, held_out
+def split(manifest: Manifest, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, held-out) item indices: the images its source holds out (the one split rule,
+    split_indices, over the source's order), in item order, so LitData reads runs of neighbours."""
+    train, held_out = split_indices(manifest.count, fraction, seed)
+    item_of = {place: item for item, place in enumerate(manifest.order)}
+    return sorted(item_of[p] for p in train.tolist()), sorted(item_of[p] for p in held_out.tolist())
+
+
+def train_mean_std(manifest: Manifest, indices: list[int]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The normalisation statistics of the items at indices (the training part), as ImageSet.mean_std."""
+    sums = torch.tensor(manifest.pixel_sums, dtype=torch.float64)[indices].sum(0)  # (2, C)
+    return mean_std(sums, len(indices) * manifest.image_size ** 2)
 
 
 def shard_dataset(location: str, image_size: int, indices: list[int] | None = None, shuffle: bool = False,

@@ -1,308 +1,208 @@
-"""Where images come from: CIFAR-10/100, a folder of images, or synthetic data.
+"""Data sources: one object per kind of `data.source` (cifar10/cifar100, fake[:N], folder:PATH,
+shards:DIR_OR_URL), each answering the same questions, so that training, evaluation and packing never
+tell the kinds apart:
 
-Every source ends as an `ImageSet`: all images decoded once into one uint8 tensor (N, C, H, W)
-held in memory, so that training never decodes or touches Python per sample again.
+- `train_val()`: the training and validation parts and the statistics that normalise them: in
+  memory (ImageSets), or for a pack the indices of the items to stream;
+- `held_out()`: the validation part, decoded, exactly as training holds it out (`eval --held-out`);
+- `test_set()`: what `vitlab eval` scores without --held-out (CIFAR's test split, else every image);
+- `pack()`: the images as LitData chunks (`vitlab pack`).
+
+One split rule (images.split_indices, over the source's own order) and one statistics rule (those of
+the training part, images.mean_std) hold for every kind, so a folder and its pack hold out the same
+images and normalise alike. A folder with a sibling `val/` folder validates on that instead.
 """
 
 from __future__ import annotations
 
-import hashlib
-import http.client
-import pickle
-import sys
-import tarfile
-import urllib.error
-import urllib.request
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image, ImageOps
-
+from vitlab.config import CIFAR_NAMES, DataConfig, parse_source
+from vitlab.data.images import (
+    CIFAR,
+    ImageSet,
+    download_cifar,
+    load_image_folder,
+    make_fake,
+    read_cifar_batches,
+    resize_images,
+    split_indices,
+)
 from vitlab.errors import VitlabError
-from vitlab.io import atomic_write, made_by_one
-from vitlab.progress import progress
+
+assert set(CIFAR) == set(CIFAR_NAMES)  # config names the kinds that this module implements
 
 
-@dataclass
-class ImageSet:
-    images: torch.Tensor  # (N, C, H, W) uint8
-    labels: torch.Tensor  # (N,) int64
-    classes: list[str]
-    paths: list[str] | None = None  # the file of each image, for sources read from disk
+class Source:
+    """An in-memory source: subclasses say what `images()` are (every training image, in the
+    source's own order) and may add a separate validation set."""
 
-    def __len__(self) -> int:
-        return len(self.labels)
+    streams = False  # its training images are streamed (shards), not held in memory
 
-    def subset(self, indices: torch.Tensor) -> "ImageSet":
-        paths = [self.paths[i] for i in indices.tolist()] if self.paths is not None else None
-        return ImageSet(self.images[indices], self.labels[indices], self.classes, paths)
+    def __init__(self, config: DataConfig, image_size: int):
+        self.config = config
+        self.image_size = image_size
 
-    def mean_std(self, chunk_pixels: int = 1 << 20) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Per-channel mean and (unbiased) standard deviation of the pixels, in [0, 1] units.
+    def images(self) -> ImageSet:
+        raise NotImplementedError
 
-        Sums and sums of squares are taken in float64 over chunks of about chunk_pixels values, so
-        memory stays small: a float copy of the whole set would be 4x its uint8 size."""
-        sums = torch.zeros(self.images.shape[1], dtype=torch.float64)
-        squares = torch.zeros_like(sums)
-        rows = max(1, chunk_pixels // self.images[0].numel())
-        for batch in self.images.split(rows):
-            x = batch.double()  # (n, C, H, W)
-            sums += x.sum((0, 2, 3))
-            squares += x.square_().sum((0, 2, 3))
-        count = self.images.numel() // len(sums)  # values per channel
-        mean = sums / count
-        var = (squares - count * mean.square()) / (count - 1)
-        return tuple((mean / 255).tolist()), tuple((var.clamp_min(0).sqrt() / 255).tolist())
-
-
-@dataclass(frozen=True)
-class CifarSpec:
-    url: str
-    md5: str
-    folder: str
-    train_files: tuple[str, ...]
-    test_files: tuple[str, ...]
-    meta_file: str
-    label_key: str
-    names_key: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-
-CIFAR = {
-    "cifar10": CifarSpec(
-        url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-        md5="c58f30108f718f92721af3b95e74349a",
-        folder="cifar-10-batches-py",
-        train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
-        test_files=("test_batch",),
-        meta_file="batches.meta",
-        label_key="labels",
-        names_key="label_names",
-        mean=(0.4914, 0.4822, 0.4465),
-        std=(0.247, 0.243, 0.261),
-    ),
-    "cifar100": CifarSpec(
-        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-        md5="eb9058c3a382ffc7106e4002c42a8d85",
-        folder="cifar-100-python",
-        train_files=("train",),
-        test_files=("test",),
-        meta_file="meta",
-        label_key="fine_labels",
-        names_key="fine_label_names",
-        mean=(0.5071, 0.4865, 0.4409),
-        std=(0.2673, 0.2564, 0.2762),
-    ),
-}
-
-
-def md5sum(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def download_cifar(name: str, root: Path) -> Path:
-    """Download and unpack CIFAR into root (once, by one process at a time); return the folder
-    holding its batches."""
-    spec = CIFAR[name]
-    folder = root / spec.folder
-    if (folder / spec.meta_file).exists():
-        return folder
-    archive = root / Path(spec.url).name
-    with made_by_one(archive, "download"):
-        if (folder / spec.meta_file).exists():  # another process made it while this one waited
-            return folder
-        if not archive.exists():
-            print(f"downloading {spec.url} to {archive}", file=sys.stderr)
-            atomic_write(archive, lambda out: fetch(name, spec, out, archive, root), "download")
-        if md5sum(archive) != spec.md5:
-            raise VitlabError(f"{archive} is corrupt (MD5 checksum does not match); delete it and run again")
-        with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(root, filter="data")
-    return folder
-
-
-def fetch(name: str, spec: CifarSpec, out, archive: Path, root: Path):
-    """Write spec.url's bytes to `out`; a network failure says how to do without one."""
-    try:
-        with urllib.request.urlopen(spec.url, timeout=60) as response:
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-    except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as e:
-        raise VitlabError(
-            f"could not download {name} from {spec.url} ({e}); with no network, put a copy of "
-            f"{archive.name} or its unpacked {spec.folder}/ in {root} (the data root, --data-root), "
-            f"or use --data folder:PATH for images on disk"
-        ) from None
-
-
-def read_cifar_batches(folder: Path, spec: CifarSpec, files: tuple[str, ...]) -> ImageSet:
-    """Parse CIFAR's pickled batches straight into uint8 tensors."""
-    with open(folder / spec.meta_file, "rb") as f:
-        classes = pickle.load(f, encoding="latin1")[spec.names_key]
-    images, labels = [], []
-    for name in files:
-        with open(folder / name, "rb") as f:
-            batch = pickle.load(f, encoding="latin1")
-        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch[spec.label_key], dtype=np.int64))
-    return ImageSet(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)), classes)
-
-
-# --- folders of images ---------------------------------------------------------------------------
-
-IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
-
-
-def is_image_file(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-
-
-def read_image(path: Path | str, image_size: int) -> torch.Tensor:
-    """Any image Pillow reads -> RGB uint8 tensor (3, image_size, image_size), upright as a viewer
-    shows it (EXIF orientation applied); the first frame of an animation."""
-    try:
-        with warnings.catch_warnings():
-            # Pillow only warns between MAX_IMAGE_PIXELS and twice that: refuse those too.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img = to_rgb(ImageOps.exif_transpose(img))
-        if img.size != (image_size, image_size):
-            img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
-        array = np.asarray(img, dtype=np.uint8)
-    except Exception as e:  # Pillow's decoders raise many kinds of exception for damaged files
-        raise VitlabError(f"cannot read image {path}: {' '.join(str(e).split()) or type(e).__name__}") from None
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode -> RGB; alpha is dropped."""
-    if img.mode.startswith("I"):
-        # 16-bit grey (I;16, I;16B, or I from older Pillow): convert() clips at 255 instead of
-        # scaling, so keep the high byte of each value.
-        img = Image.fromarray((np.asarray(img).clip(0, 65535) >> 8).astype(np.uint8))
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")  # Pillow warns when such a palette goes straight to RGB
-    return img.convert("RGB")
-
-
-def list_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """An ImageFolder tree root/<class>/<image> -> (class names, [(file, class index)])."""
-    if not root.is_dir():
-        raise VitlabError(f"data folder {root} does not exist")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise VitlabError(f"data folder {root} has no class folders (expected {root}/<class>/<image>)")
-    samples = []
-    for index, name in enumerate(classes):
-        files = sorted(p for p in (root / name).rglob("*") if p.is_file() and is_image_file(p))
-        if not files:
-            raise VitlabError(f"class folder {root / name} has no images")
-        samples += [(p, index) for p in files]
-    return classes, samples
-
-
-DECODER_VERSION = 2  # part of the decode-cache key: bump it when read_image's output changes
-
-
-def load_image_folder(root: Path, image_size: int, cache_dir: Path, skip_bad_images: bool = False) -> ImageSet:
-    """Decode an ImageFolder tree once into memory; cached on disk so later runs skip decoding.
-
-    The cache key covers every file's path, size and modification time, the image size and the
-    decoder version, so a changed folder is decoded again rather than served stale. A damaged cache
-    is noted on stderr and replaced.
-    """
-    classes, samples = list_image_folder(root)
-    key = hashlib.sha1(f"{DECODER_VERSION}|{root.resolve()}|{image_size}|{skip_bad_images}".encode())
-    for path, _ in samples:
-        stat = path.stat()
-        key.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-    cache_file = cache_dir / f"folder-{key.hexdigest()[:20]}.pt"
-    label_of = {str(path): label for path, label in samples}
-    with made_by_one(cache_file, "decode cache"):
-        decoded = read_cache(cache_file, label_of, image_size, skip_bad_images) if cache_file.exists() else None
-        if decoded is None:
-            print(f"decoding {len(samples)} images in {root} (cached for later runs in {cache_dir})", file=sys.stderr)
-            decoded = decode_folder(root, samples, image_size, skip_bad_images)
-            atomic_write(cache_file, lambda f: torch.save(decoded, f), "decode cache")
-    paths = decoded["paths"]
-    return ImageSet(decoded["images"], torch.tensor([label_of[p] for p in paths]), classes, paths)
-
-
-def decode_folder(root: Path, samples: list[tuple[Path, int]], image_size: int, skip_bad_images: bool) -> dict:
-    """{'images': uint8 (N, 3, S, S), 'paths': [file of each image]}: the listed files decoded."""
-    images, paths, bad = [], [], []
-    for path, _ in progress(samples, len(samples), "decoding"):
-        try:
-            images.append(read_image(path, image_size))
-        except VitlabError as e:
-            if not skip_bad_images:
-                raise VitlabError(f"{e} (use --skip-bad-images to skip unreadable images)") from None
-            bad.append(path)
-            continue
-        paths.append(str(path))
-    if bad:
-        print(f"skipped {len(bad)} unreadable images, e.g. {bad[0]}", file=sys.stderr)
-    if not images:
-        raise VitlabError(f"data folder {root} has no readable images")
-    return {"images": torch.stack(images), "paths": paths}
-
-
-def read_cache(cache_file: Path, label_of: dict[str, int], image_size: int, skip_bad_images: bool) -> dict | None:
-    """The decoded folder from cache_file, or None (saying why on stderr) when the file is damaged."""
-    try:
-        decoded = torch.load(cache_file, weights_only=True)
-    except Exception as e:  # torch raises many kinds of exception for damaged files
-        problem = f"cannot be loaded: {type(e).__name__}"
-    else:
-        problem = cache_problem(decoded, label_of, image_size, skip_bad_images)
-    if problem:
-        print(f"decode cache {cache_file} is damaged ({problem}); decoding the folder again", file=sys.stderr)
+    def validation_images(self, classes: list[str]) -> ImageSet | None:
+        """A validation set of its own, with labels indexing `classes`; None: a part of images() is held out."""
         return None
-    return decoded
+
+    def train_val(self) -> tuple[ImageSet, ImageSet, tuple, tuple]:
+        """(train, val, mean, std): mean and std of the training images."""
+        images = self.images()
+        val = self.validation_images(images.classes)
+        if val is None:
+            train_indices, val_indices = split_indices(len(images), self.config.val_fraction, self.config.split_seed)
+            images, val = images.subset(train_indices), images.subset(val_indices)
+        return images, val, *images.mean_std()
+
+    def held_out(self) -> ImageSet:
+        return self.train_val()[1]
+
+    def test_set(self) -> ImageSet:
+        return self.images()
+
+    def pack(self, out_dir: Path, jpeg_quality: int | None, workers: int, test: bool = False):
+        from vitlab.data import shards
+
+        images, part = (self.test_set(), "test") if test else (self.images(), "train")
+        return shards.pack_image_set(images, out_dir, f"{self.config.source.split(':')[0]}-{part}", jpeg_quality,
+                                     workers)
+
+    @property
+    def description(self) -> str:
+        return self.config.source
 
 
-def cache_problem(decoded, label_of: dict[str, int], image_size: int, skip_bad_images: bool) -> str | None:
-    """What is wrong with a loaded decode cache for this folder listing, or None."""
-    if not isinstance(decoded, dict) or set(decoded) != {"images", "paths"}:
-        return "not a decode cache"
-    images, paths = decoded["images"], decoded["paths"]
-    shape = (3, image_size, image_size)
-    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.shape[1:] != shape:
-        return "images of the wrong type or size"
-    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths) or len(paths) != len(images):
-        return "its file list does not match its images"
-    kept = set(paths)
-    # The files in listing order, each once; all of them unless unreadable ones were skipped.
-    if paths != [p for p in label_of if p in kept] or (not skip_bad_images and len(paths) != len(label_of)):
-        return "its file list does not match the folder"
-    return None
+class Cifar(Source):
+    def load(self, train: bool) -> ImageSet:
+        spec = CIFAR[self.config.source]
+        folder = download_cifar(self.config.source, Path(self.config.root).expanduser())
+        image_set = read_cifar_batches(folder, spec, spec.train_files if train else spec.test_files)
+        image_set.images = resize_images(image_set.images, self.image_size)
+        return image_set
+
+    def images(self) -> ImageSet:
+        return self.load(train=True)
+
+    def test_set(self) -> ImageSet:  # never used in training
+        return self.load(train=False)
 
 
-# --- synthetic data ------------------------------------------------------------------------------
+class Fake(Source):
+    def images(self) -> ImageSet:
+        return make_fake(num_images=parse_source(self.config.source)[1], image_size=self.image_size)
 
-def make_fake(num_images: int = 2000, num_classes: int = 10, image_size: int = 32, seed: int = 0) -> ImageSet:
-    """Synthetic images that can be learned: each class is a coarse colour pattern plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    templates = torch.rand(num_classes, 3, 4, 4, generator=g)
-    templates = F.interpolate(templates, size=image_size, mode="nearest")  # (K, 3, H, W)
-    labels = torch.randint(num_classes, (num_images,), generator=g)
-    noise = 0.25 * torch.randn(num_images, 3, image_size, image_size, generator=g)
-    images = (templates[labels] + noise).clamp(0, 1).mul(255).round().to(torch.uint8)
-    return ImageSet(images, labels, [f"class_{i}" for i in range(num_classes)])
+    def test_set(self) -> ImageSet:  # it has no other images
+        return self.held_out()
 
 
-def resize_images(images: torch.Tensor, image_size: int) -> torch.Tensor:
-    """Resize a uint8 batch (N, C, H, W) to image_size x image_size (no-op when it already is)."""
-    if images.shape[-1] == image_size and images.shape[-2] == image_size:
-        return images
-    x = F.interpolate(images.float(), size=image_size, mode="bilinear", antialias=True, align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8)
+class Folder(Source):
+    @property
+    def path(self) -> Path:
+        return parse_source(self.config.source)[1]
+
+    @property
+    def description(self) -> str:
+        return f"data folder {self.path}"
+
+    def load(self, path: Path) -> ImageSet:
+        return load_image_folder(path, self.image_size, Path(self.config.cache_dir).expanduser(),
+                                 self.config.skip_bad_images)
+
+    def images(self) -> ImageSet:
+        return self.load(self.path)
+
+    def validation_images(self, classes: list[str]) -> ImageSet | None:
+        sibling = self.path.resolve().parent / "val"
+        if self.path.resolve().name == "val" or not sibling.is_dir():
+            return None
+        return align_classes(self.load(sibling), classes, f"data folder {sibling}")
+
+    def pack(self, out_dir: Path, jpeg_quality: int | None, workers: int, test: bool = False):
+        from vitlab.data import shards
+
+        return shards.pack_folder(self.path, out_dir, self.image_size, jpeg_quality, self.config.skip_bad_images,
+                                  workers)
+
+
+class Shards(Source):
+    """A pack made by `vitlab pack`, streamed for training; decoded into memory for evaluation."""
+
+    streams = True
+
+    def __init__(self, config: DataConfig, image_size: int):
+        from vitlab.data import shards
+
+        super().__init__(config, image_size)
+        self.location = parse_source(config.source)[1]
+        self.manifest = shards.read_manifest(self.location)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.manifest.classes
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where chunks of a remote pack are cached (at most data.shard_cache_size of them)."""
+        return Path(self.config.cache_dir).expanduser() / "shards"
+
+    def train_val(self) -> tuple[list[int], list[int], tuple, tuple]:
+        """(train item indices, validation item indices, mean, std)."""
+        from vitlab.data import shards
+
+        train, val = shards.split(self.manifest, self.config.val_fraction, self.config.split_seed)
+        return train, val, *shards.train_mean_std(self.manifest, train)
+
+    def decode(self, indices: list[int] | None) -> ImageSet:
+        from vitlab.data import shards
+
+        return shards.load_shards(self.location, self.image_size, indices, cache_dir=self.cache_dir)
+
+    def images(self) -> ImageSet:
+        return self.decode(None)
+
+    def held_out(self) -> ImageSet:
+        return self.decode(self.train_val()[1])
+
+    def pack(self, out_dir: Path, jpeg_quality: int | None, workers: int, test: bool = False):
+        raise VitlabError(f"{self.config.source} is packed already")
+
+
+def open_source(config: DataConfig, image_size: int) -> Source:
+    """The source that config.source names."""
+    kind = parse_source(config.source)[0]
+    kinds = {"fake": Fake, "folder": Folder, "shards": Shards, **{name: Cifar for name in CIFAR_NAMES}}
+    return kinds[kind](config, image_size)
+
+
+def same_source(a: str, b: str) -> bool:
+    """Whether two data.source values name the same images (paths compared resolved)."""
+    (kind_a, where_a), (kind_b, where_b) = parse_source(a), parse_source(b)
+    if isinstance(where_a, Path) and isinstance(where_b, Path):
+        return kind_a == kind_b and where_a.resolve() == where_b.resolve()
+    if kind_a == kind_b == "shards" and "://" not in str(where_a) + str(where_b):
+        return Path(where_a).resolve() == Path(where_b).resolve()
+    return (kind_a, where_a) == (kind_b, where_b)
+
+
+def align_classes(image_set: ImageSet, classes: list[str], where: str) -> ImageSet:
+    """Relabel image_set so that its labels index `classes` (e.g. a checkpoint's class names)."""
+    import torch
+
+    unknown = [c for c in image_set.classes if c not in classes]
+    if unknown:
+        raise VitlabError(f"{where} has classes the model does not know: {', '.join(unknown)}")
+    mapping = torch.tensor([classes.index(c) for c in image_set.classes])
+    return ImageSet(image_set.images, mapping[image_set.labels], classes, image_set.paths)
+
+
+def load_eval_set(config: DataConfig, image_size: int, classes: list[str], held_out: bool = False) -> ImageSet:
+    """The images `vitlab eval` scores, labelled by `classes`: with held_out, the validation part of
+    the source exactly as training holds it out; else its test set."""
+    source = open_source(config, image_size)
+    image_set = source.held_out() if held_out else source.test_set()
+    return align_classes(image_set, classes, source.description)

@@ -13,7 +13,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from vitlab.config import OptimConfig
+from vitlab.config import DataConfig, OptimConfig
 from vitlab.evaluation import tta_logits
 from vitlab.model import ViT, ViTConfig
 from vitlab.pretrained import is_pretrained
@@ -45,16 +45,21 @@ def warmup_cosine(progress: float, warmup: float, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+# What fixes the images a run holds out: its source, and how the one split rule splits it.
+SPLIT_KEYS = ("source", "val_fraction", "split_seed", "skip_bad_images")
+
+
 class Classifier(L.LightningModule):
     """Trains a ViT for image classification.
 
     The hyperparameters saved in every checkpoint (model config, optimiser config, class names and
     input normalisation) are all that is needed to rebuild and use the model.
     val_tta: the test-time augmentation validation scores (vitlab.evaluation.TTA_VIEWS: none, flip, flip-shift).
+    data_split: which images training held out ({SPLIT_KEYS: values}), for `vitlab eval --held-out`.
     """
 
     def __init__(self, model: dict, optim: dict, class_names: list[str], image_mean: list, image_std: list,
-                 val_tta: str = "none"):
+                 val_tta: str = "none", data_split: dict | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.model = ViT(ViTConfig(**model))
@@ -185,6 +190,9 @@ class Classifier(L.LightningModule):
 
     @staticmethod
     def hparams_for(model_config: ViTConfig, optim: OptimConfig, classes, mean, std,
-                    val_tta: str = "none") -> dict:
+                    val_tta: str = "none", data: DataConfig | None = None) -> dict:
+        """The hyperparameters of a Classifier; with data, the record of which images training held
+        out (data_split), so that `vitlab eval --held-out` scores exactly those."""
+        split = None if data is None else {k: getattr(data, k) for k in SPLIT_KEYS}
         return dict(model=asdict(model_config), optim=asdict(optim), class_names=list(classes),
-                    image_mean=list(mean), image_std=list(std), val_tta=val_tta)
+                    image_mean=list(mean), image_std=list(std), val_tta=val_tta, data_split=split)

@@ -175,7 +175,7 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
         configs.save(config, run_dir / "config.yaml")
     model_config = dataclasses.replace(config.model, num_classes=len(classes))
     module = Classifier(**Classifier.hparams_for(
-        model_config, config.optim, classes, datamodule.mean, datamodule.std, config.trainer.val_tta))
+        model_config, config.optim, classes, datamodule.mean, datamodule.std, config.trainer.val_tta, config.data))
     if init_weights is not None:
         load_init(module.model, init_weights, config.model.init)
     if config.trainer.compile:
