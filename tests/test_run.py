@@ -61,3 +61,18 @@ def test_info_of_a_preset_imports_no_lightning():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
     assert "preset cpu-hour: ViT dim 256" in out
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_a_run_prints_vitlabs_lines_and_nothing_of_lightnings(tmp_path):
+    """No advertising tip, no "Total FLOPs: 0", no warnings from inside Lightning, no CUDA_HOME notice, no
+    "weights_only was not set" at each checkpoint: the model's own summary, the progress, the result."""
+    command = [sys.executable, "-m", "vitlab.cli", "train", "--preset", "smoke", "--data", "fake:256", "--max-epochs",
+               "2", "--run-dir", str(tmp_path / "run"), "trainer.checkpoint_every=00:00:00", "model.dim=32"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "model:\n  ViT dim 32, depth 2" in done.stderr and "forward FLOPs per image: 0.004 GFLOP" in done.stderr
+    for noise in ("Tip", "litlogger", "FLOPs: 0", "LeafSpec", "deprecated", "Warning", "CUDA_HOME", "weights_only",
+                  "GPU available", "TPU available", "Trainer.fit` stopped"):
+        assert noise not in output
+    assert done.stdout.strip().splitlines()[-1].startswith("run written to")

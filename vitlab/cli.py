@@ -6,7 +6,6 @@ import argparse
 import itertools
 import json
 import sys
-import warnings
 from pathlib import Path
 
 from vitlab.errors import VitlabError
@@ -198,17 +197,12 @@ def cmd_info(args):
 
     if args.checkpoint:
         model, what = load_model(args.checkpoint), str(args.checkpoint)
-        classes = f"{model.config.num_classes} classes"
     else:
         c = configs.resolve(args.preset).model
         # A preset's number of classes comes from the data it trains on: counted here as 10, as CIFAR-10.
-        classes = f"{c.num_classes} classes" if c.num_classes else "10 classes (as the data will say)"
         model, what = ViT(dataclasses.replace(c, num_classes=c.num_classes or 10)), f"preset {args.preset}"
-    c = model.config
-    print(f"{what}: ViT dim {c.dim}, depth {c.depth}, heads {c.heads}, {c.tokenizer} tokenizer, patch {c.patch_size}, "
-          f"{c.pool} pooling, image {c.image_size}, {c.num_patches} tokens, {classes}")
-    print(f"parameters: {model.num_parameters():,}")
-    print(f"forward FLOPs per image: {model.flops_per_image() / 1e9:.3f} GFLOP")
+    shape, *rest = model.describe()
+    print(f"{what}: {shape}", *rest, sep="\n")
 
 
 def cmd_attention(args):
@@ -265,9 +259,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(a for a in unknown if a not in late)}")
     if late:
         args.overrides += late
-    # num_workers=0 is deliberate for in-memory data; Lightning's advice about it is noise here.
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
     try:
         COMMANDS[args.command](args)
     except VitlabError as e:

@@ -307,6 +307,14 @@ class ViT(nn.Module):
             x = block(x)
         return maps
 
+    def describe(self) -> list[str]:
+        """What the model is, for people: its shape, parameters and forward FLOPs per image."""
+        c = self.config
+        return [f"ViT dim {c.dim}, depth {c.depth}, heads {c.heads}, {c.tokenizer} tokenizer, patch {c.patch_size}, "
+                f"{c.pool} pooling, image {c.image_size}, {c.num_patches} tokens, {c.num_classes} classes",
+                f"parameters: {self.num_parameters():,}",
+                f"forward FLOPs per image: {self.flops_per_image() / 1e9:.3f} GFLOP"]
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

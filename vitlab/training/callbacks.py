@@ -164,7 +164,7 @@ class LastCheckpoint(L.Callback):
         self.saved_at = time.monotonic()
 
     def save(self, trainer: L.Trainer):
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # the whole training state, to resume from
         self.saved_at = time.monotonic()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
@@ -218,7 +218,7 @@ class BestCheckpoint(L.Callback):
             return
         self.best = float(score)
         if trainer.state.fn == "fit":
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)
         elif trainer.is_global_zero:
             with open(self.last, "rb") as source, atomic_open(self.path, "checkpoint") as f:
                 shutil.copyfileobj(source, f)

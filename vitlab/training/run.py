@@ -14,9 +14,11 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -118,6 +120,18 @@ def build_callbacks(config: RunConfig, run_dir: Path, resume: bool, stops: StopR
     return callbacks
 
 
+def quiet_lightning():
+    """A run prints vitlab's lines and the progress, nothing else: not Lightning's notices and tips
+    (GPU/TPU availability, advertising), nor warnings about library internals a user cannot act on."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime": on a CPU, none is
+    for message in (".*isinstance\\(treespec, LeafSpec\\).*",  # inside Lightning's own code
+                    ".*does not have many workers.*",  # in-memory data needs no loader workers
+                    ".*smaller than the logging interval.*"):  # logs are every 50 steps on purpose (GPU reads)
+        warnings.filterwarnings("ignore", message)
+
+
 def build_trainer(config: RunConfig, run_dir: Path, callbacks: list[L.Callback]) -> L.Trainer:
     t = config.trainer
     precision = default_precision(t.accelerator) if t.precision == "auto" else t.precision
@@ -142,6 +156,7 @@ def build_trainer(config: RunConfig, run_dir: Path, callbacks: list[L.Callback])
         log_every_n_steps=50,  # each log reads values back from the GPU: not every step
         num_sanity_val_steps=0,
         check_val_every_n_epoch=t.val_every_n_epochs,
+        enable_model_summary=False,  # train() prints the model's own summary, with its real FLOPs per image
     )
 
 
@@ -178,9 +193,12 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
         model_config, config.optim, classes, datamodule.mean, datamodule.std, config.trainer.val_tta, config.data))
     if init_weights is not None:
         load_init(module.model, init_weights, config.model.init)
+    if writer:
+        print("model:", *module.model.describe(), sep="\n  ", file=sys.stderr)
     if config.trainer.compile:
         module.model.compile()  # in place: parameter names, and so checkpoints, stay the same
 
+    quiet_lightning()
     stops = StopRequests()
     trainer = build_trainer(config, run_dir, build_callbacks(config, run_dir, resume, stops))
     with stops:
