@@ -1,14 +1,8 @@
 """vitlab: train Vision Transformers from scratch on small image datasets."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("vitlab")
-except PackageNotFoundError:  # run from a source tree that was not installed
-    __version__ = "unknown"
-
 from vitlab.errors import VitlabError
 from vitlab.inference import load_model
+from vitlab.io import VERSION as __version__
 from vitlab.model import ViT, ViTConfig
 
 __all__ = ["Run", "ViT", "ViTConfig", "VitlabError", "load_model", "train", "__version__"]

@@ -22,12 +22,18 @@ import os
 import pickle
 import shutil
 import tempfile
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 import torch
 
 from vitlab.errors import VitlabError
+
+try:
+    VERSION = version("vitlab")  # stamped into every checkpoint
+except PackageNotFoundError:  # run from a source tree that was not installed
+    VERSION = "unknown"
 
 # Bumped when a checkpoint's layout changes in a way older vitlab versions cannot read.
 CHECKPOINT_FORMAT = 1
@@ -116,13 +122,11 @@ def write_checkpoint(checkpoint: dict, path: Path | str):
     """Write a training checkpoint atomically and durably, stamped with vitlab's version and
     checkpoint format; weights that are not finite are refused (a diverged run never overwrites a
     good checkpoint)."""
-    from vitlab import __version__
-
     bad = non_finite_tensors(checkpoint["state_dict"])
     if bad:
         raise VitlabError(f"refused to write checkpoint {path}: weights are not finite ({bad[0]}, ...); "
                           f"training diverged (try a lower optim.lr or trainer.gradient_clip)")
-    checkpoint["vitlab"] = {"version": __version__, "format": CHECKPOINT_FORMAT}
+    checkpoint["vitlab"] = {"version": VERSION, "format": CHECKPOINT_FORMAT}
     with atomic_open(path, "checkpoint") as f:
         torch.save(checkpoint, f)
 
