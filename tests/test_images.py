@@ -72,17 +72,34 @@ def test_every_kind_of_image_reads_as_the_colours_it_shows(tmp_path, name, write
 
 @pytest.mark.parametrize("orientation, corner", [(3, (-1, -1)), (6, (0, -1)), (8, (-1, 0))])
 def test_exif_rotated_photos_are_read_upright(tmp_path, orientation, corner):
-    # Stored 32 wide and 16 high, blue with a red top-left corner; viewers turn it by the EXIF
-    # orientation: 3 half a turn, 6 a quarter turn clockwise, 8 a quarter turn anticlockwise.
-    pixels = np.zeros((16, 32, 3), np.uint8)
+    # Blue with a red top-left quarter; viewers turn it by the EXIF orientation: 3 half a turn, 6 a
+    # quarter turn clockwise, 8 a quarter turn anticlockwise.
+    pixels = np.zeros((32, 32, 3), np.uint8)
     pixels[..., 2] = 255
-    pixels[:8, :8] = (255, 0, 0)
+    pixels[:16, :16] = (255, 0, 0)
     exif = Image.Exif()
     exif[0x0112] = orientation
     Image.fromarray(pixels).save(tmp_path / "photo.jpg", exif=exif, quality=95)
     image = read_image(tmp_path / "photo.jpg", 8).int()
     red = (image[0] > 150) & (image[2] < 100)  # (8, 8)
     assert red[corner] and not red[0, 0]
+
+
+@pytest.mark.parametrize("width, height", [(48, 16), (16, 48)])
+def test_a_non_square_image_is_resized_on_its_shorter_side_and_centre_cropped(tmp_path, width, height):
+    # Three equal bands along the long side, red | green | blue: the square kept is the green middle,
+    # whole (not squashed, which would keep a third of each colour).
+    pixels = np.zeros((height, width, 3), np.uint8)
+    third = max(width, height) // 3
+    for band, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        if width > height:
+            pixels[:, band * third:(band + 1) * third] = colour
+        else:
+            pixels[band * third:(band + 1) * third] = colour
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    image = read_image(tmp_path / "wide.png", 8)
+    assert image.shape == (3, 8, 8)
+    assert image[1].min() >= 200 and image[0].max() <= 40 and image[2].max() <= 40  # bicubic blurs the edges a little
 
 
 def encode(img: Image.Image, fmt: str, **options) -> bytes:

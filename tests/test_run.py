@@ -76,3 +76,8 @@ def test_a_run_prints_vitlabs_lines_and_nothing_of_lightnings(tmp_path):
                   "GPU available", "TPU available", "Trainer.fit` stopped"):
         assert noise not in output
     assert done.stdout.strip().splitlines()[-1].startswith("run written to")
+
+
+def test_a_model_of_other_than_three_channels_is_refused_in_one_line():
+    with pytest.raises(VitlabError, match="model.in_channels is 1, but vitlab reads every image as RGB"):
+        configs.resolve(overrides={"model.in_channels": 1})

@@ -161,6 +161,9 @@ class RunConfig:
 
     def __post_init__(self):
         # Checks that span two sections (each section checks its own keys).
+        if self.model.in_channels != 3:
+            raise VitlabError(f"model.in_channels is {self.model.in_channels}, but vitlab reads every image as RGB "
+                              f"(grayscale images are converted): leave it at 3")
         if self.data.augment == "crop-flip" and self.data.crop_padding >= self.model.image_size:
             raise VitlabError(f"data.crop_padding {self.data.crop_padding} must be smaller than the image "
                               f"(model.image_size {self.model.image_size})")

@@ -182,7 +182,8 @@ def is_image_file(path: Path) -> bool:
 
 def read_image(path: Path | str, image_size: int) -> torch.Tensor:
     """Any image Pillow reads -> RGB uint8 tensor (3, image_size, image_size), upright as a viewer
-    shows it (EXIF orientation applied); the first frame of an animation."""
+    shows it (EXIF orientation applied); the first frame of an animation. A non-square image is
+    resized on its shorter side and centre-cropped, never squashed (as timm and torchvision evaluate)."""
     try:
         with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that: refuse those too.
@@ -190,7 +191,7 @@ def read_image(path: Path | str, image_size: int) -> torch.Tensor:
             with Image.open(path) as img:
                 img = to_rgb(ImageOps.exif_transpose(img))
         if img.size != (image_size, image_size):
-            img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
+            img = ImageOps.fit(img, (image_size, image_size), Image.Resampling.BICUBIC)
         array = np.asarray(img, dtype=np.uint8)
     except Exception as e:  # Pillow's decoders raise many kinds of exception for damaged files
         raise VitlabError(f"cannot read image {path}: {' '.join(str(e).split()) or type(e).__name__}") from None
@@ -224,7 +225,7 @@ def list_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, samples
 
 
-DECODER_VERSION = 2  # part of the decode-cache key: bump it when read_image's output changes
+DECODER_VERSION = 3  # part of the decode-cache key: bump it when read_image's output changes
 
 
 def load_image_folder(root: Path, image_size: int, cache_dir: Path, skip_bad_images: bool = False) -> ImageSet:
