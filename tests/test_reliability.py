@@ -3,6 +3,7 @@ failed writes, untrusted files, and the run files a resumed run leaves behind.""
 
 import csv
 import errno
+import json
 import os
 import signal
 
@@ -137,6 +138,7 @@ def test_full_disk_is_a_clear_error_and_the_previous_checkpoint_stays(images, tm
     run_dir = tmp_path / "run"
     args = train_args(images, run_dir, "trainer.checkpoint_every=00:10:00")
     assert run_cli(capsys, *args, "--max-epochs", "1")[0] == 0
+    saved = load_model(run_dir / "checkpoints" / "last.ckpt").state_dict()
     real_replace = os.replace
 
     def replace(src, dst):
@@ -147,7 +149,10 @@ def test_full_disk_is_a_clear_error_and_the_previous_checkpoint_stays(images, tm
     monkeypatch.setattr("vitlab.io.os.replace", replace)
     code, _, err = run_cli(capsys, *args, "--max-epochs", "2", "--resume")
     assert code == 1 and "cannot write checkpoint" in err and "No space left on device" in err and "free" in err
-    assert load_model(run_dir / "checkpoints" / "last.ckpt") is not None
+    # last.ckpt still holds the first epoch's weights, whole, though the second epoch trained on.
+    kept = load_model(run_dir / "checkpoints" / "last.ckpt").state_dict()
+    assert kept.keys() == saved.keys()
+    assert [k for k in saved if not torch.equal(kept[k], saved[k])] == []
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.endswith(".tmp")]
 
@@ -199,7 +204,14 @@ def test_compiled_training_runs_on_the_cpu(images, tmp_path, capsys):
     run_dir = tmp_path / "run"
     code, out, _ = run_cli(capsys, *train_args(images, run_dir, "--max-epochs", "1", "trainer.compile=true"))
     assert code == 0 and "held-out accuracy" in out
-    assert load_model(run_dir / "checkpoints" / "last.ckpt") is not None
+    # The compiled model's checkpoint loads into a plain ViT that scores the held-out images as the
+    # run's final validation did: the trained weights, under the names they have uncompiled.
+    code, out, _ = run_cli(capsys, "eval", "--checkpoint", run_dir / "checkpoints" / "last.ckpt",
+                           "--data", f"folder:{images}", "--held-out", "--val-fraction", "0.25", "--json")
+    assert code == 0
+    last = read_rows(run_dir)[-1]
+    assert json.loads(out)["loss"] == pytest.approx(float(last["val_loss"]), abs=1e-4)
+    assert json.loads(out)["accuracy"] == pytest.approx(float(last["val_acc"]), abs=1e-6)
 
 
 class RunsCode:

@@ -43,14 +43,58 @@ def test_warmup_then_cosine_to_minimum():
     assert warmup_cosine(0.0, 0.0, 0.25) == pytest.approx(1.0)
 
 
-def test_presets_resolve_to_the_tutorial_settings():
-    gpu = configs.resolve("tutorial-gpu")
-    assert (gpu.model.dim, gpu.model.depth, gpu.model.heads, gpu.model.patch_size) == (512, 6, 8, 4)
-    assert (gpu.optim.lr, gpu.optim.min_lr, gpu.optim.weight_decay) == (1e-4, 2.5e-5, 1e-6)
-    assert (gpu.data.batch_size, gpu.data.autoaugment, gpu.trainer.precision) == (512, True, "bf16-mixed")
-    assert (gpu.trainer.max_epochs, gpu.trainer.early_stopping_patience) == (200, 10)
-    cpu = configs.resolve("tutorial-cpu")
-    assert (cpu.model.depth, cpu.data.batch_size, cpu.model.emb_dropout, cpu.data.autoaugment) == (4, 256, 0.16, False)
+def test_tutorial_presets_build_the_tutorial_model_optimiser_trainer_and_data(tmp_path, monkeypatch):
+    """What the tutorial presets set reaches the objects that act on it, built as `vitlab train` builds
+    them: the model's shape and dropout, AdamW and its schedule, the Trainer's length, precision and
+    early stopping, the loader's batches and the augmentation."""
+    from lightning.pytorch.callbacks import EarlyStopping
+    from vitlab.data import datamodule as datamodules
+    from vitlab.training.callbacks import StopRequests
+    from vitlab.training.run import build_callbacks, build_trainer
+
+    built, auto_augment = {}, datamodules.auto_augment_cifar10
+    for name in ("tutorial-gpu", "tutorial-cpu"):
+        c = configs.resolve(name, overrides={"data.source": "fake:600"})
+        classifier = Classifier(**Classifier.hparams_for(dataclasses.replace(c.model, num_classes=10), c.optim,
+                                                         [str(i) for i in range(10)], [0.5] * 3, [0.25] * 3))
+        model = classifier.model
+        configured = classifier.configure_optimizers()
+        optimizer, schedule = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+        classifier.trainer = SimpleNamespace(estimated_stepping_batches=10, callbacks=[], world_size=1)
+        trainer = build_trainer(c, tmp_path / name, build_callbacks(c, tmp_path / name, False, StopRequests()))
+        data = datamodules.ImageDataModule(c.data, c.model.image_size, seed=c.trainer.seed)
+        data.setup("fit")
+        augmented = []  # the sizes of the batches data.autoaugment augmented
+        monkeypatch.setattr(datamodules, "auto_augment_cifar10",
+                            lambda x, augmented=augmented: augmented.append(len(x)) or auto_augment(x))
+        data.augment(data.train.images[:4])
+        built[name] = {
+            "blocks, heads, tokens x width": (len(model.blocks), model.blocks[0].attn.heads,
+                                              tuple(model.pos_embed.shape)),
+            "embedding dropout": model.emb_drop.p,
+            "lr, final lr, decay": ({g["initial_lr"] for g in optimizer.param_groups},
+                                    pytest.approx(schedule.lr_lambdas[0](10) * c.optim.lr),
+                                    {g["weight_decay"] for g in optimizer.param_groups}),
+            "epochs, precision, patience": (trainer.max_epochs, trainer.precision,
+                                            [cb.patience for cb in trainer.callbacks if isinstance(cb, EarlyStopping)]),
+            "batch, autoaugmented": (len(next(iter(data.train_dataloader()))[0]), augmented),
+        }
+    # The tutorial's ViT: 8x8 patches of 4 pixels and a class token, width 512, 8 heads; AdamW at 1e-4
+    # decaying to 2.5e-5, weight decay 1e-6 (none on biases, norms, embeddings); 200 epochs at most.
+    assert built["tutorial-gpu"] == {
+        "blocks, heads, tokens x width": (6, 8, (1, 65, 512)),
+        "embedding dropout": 0.1,
+        "lr, final lr, decay": ({1e-4}, 2.5e-5, {1e-6, 0.0}),
+        "epochs, precision, patience": (200, "bf16-mixed", [10]),
+        "batch, autoaugmented": (512, [4]),
+    }
+    assert built["tutorial-cpu"] == {
+        "blocks, heads, tokens x width": (4, 8, (1, 65, 512)),
+        "embedding dropout": 0.16,
+        "lr, final lr, decay": ({1e-4}, 2.5e-5, {1e-6, 0.0}),
+        "epochs, precision, patience": (200, "32-true", [10]),
+        "batch, autoaugmented": (256, []),
+    }
     for name in configs.preset_names():
         configs.resolve(name)
 
@@ -111,7 +155,7 @@ def test_classifier_is_rebuilt_from_the_hyperparameters_it_saves():
     hparams = Classifier.hparams_for(MICRO, optim, ("a", "b", "c"), (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), val_tta="flip")
     assert hparams == {"model": dataclasses.asdict(MICRO), "optim": dataclasses.asdict(optim),
                        "class_names": ["a", "b", "c"], "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3],
-                       "val_tta": "flip"}
+                       "val_tta": "flip", "data_split": None}
     assert Classifier.hparams_for(MICRO, optim, ["a"], [0.5], [0.2])["val_tta"] == "none"
     classifier = Classifier(**hparams)
     assert classifier.optim == optim and classifier.val_tta == "flip"
@@ -593,19 +637,34 @@ def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, monkeypatc
     assert {step: r for step, r in steps.items() if r} == {}
 
 
-def test_the_gpu_5min_preset_trains_in_fp32_on_a_cpu(tmp_path):
+def test_the_gpu_5min_preset_trains_in_fp32_on_a_cpu(tmp_path, monkeypatch):
     """The 5-minute GPU recipe, a few steps on the CPU (uncompiled, to keep the test short): its model
     (conv tokenizer, sequence pooling, stochastic depth), batched RandAugment and mixup/CutMix at its
     batch of 512, and the final validation with its test-time augmentation."""
     import vitlab
-    from vitlab.training.run import default_precision
+    from vitlab import load_model
+    from vitlab.data.sources import load_eval_set
+    from vitlab.evaluation import evaluate
+    from vitlab.training import run as training_run
 
+    trainers = []  # the Trainer that `vitlab.train` builds
+    build_trainer = training_run.build_trainer
+    monkeypatch.setattr(training_run, "build_trainer",
+                        lambda *args: trainers.append(build_trainer(*args)) or trainers[-1])
     run = vitlab.train("gpu-5min", "fake:1200", max_epochs=1, run_dir=tmp_path / "run",
                        overrides={"trainer.max_time": None, "trainer.compile": False})
-    c = run.config
-    assert (c.model.tokenizer, c.model.pool, c.model.drop_path, c.data.batch_size) == ("conv", "attention", 0.1, 512)
-    assert (c.data.randaugment_ops, c.data.mixup_alpha, c.data.cutmix_alpha, c.trainer.val_tta) == (2, 0.8, 1.0, "flip-shift")
-    assert c.trainer.precision == "auto" and default_precision(c.trainer.accelerator) == "32-true"
+    assert [trainer.precision for trainer in trainers] == ["32-true"]  # precision auto, on a CPU
     rows = run.metrics
     assert [int(r["step"]) for r in rows] == [2]  # 1,080 training images: two full batches of 512
-    assert math.isfinite(float(rows[0]["train_loss"])) and 0 <= float(rows[0]["val_acc"]) <= 1
+    assert math.isfinite(float(rows[0]["train_loss"]))
+    # The model trained is the preset's (conv tokenizer, attention pooling, stochastic depth) ...
+    model = load_model(run.last_checkpoint)
+    assert model.config == dataclasses.replace(configs.resolve("gpu-5min").model, num_classes=10)
+    # ... and the final validation scored it with the preset's flip-shift TTA: an independent
+    # evaluation of the held-out images gives its loss and accuracy, and without the TTA another loss.
+    held_out = load_eval_set(run.config.data, model.config.image_size, model.class_names, held_out=True)
+    assert len(held_out.labels) == 120
+    scores = {tta: evaluate(model, held_out, tta=tta)[0] for tta in ("flip-shift", "none")}
+    assert scores["flip-shift"]["accuracy"] == pytest.approx(float(rows[0]["val_acc"]), abs=1e-6)
+    assert scores["flip-shift"]["loss"] == pytest.approx(float(rows[0]["val_loss"]), abs=1e-4)
+    assert scores["none"]["loss"] != pytest.approx(float(rows[0]["val_loss"]), abs=1e-4)

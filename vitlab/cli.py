@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import sys
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="top-k classes of images")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", type=Path, help="a vitlab checkpoint or safetensors export")
+    source.add_argument("--checkpoint", type=Path, help="a vitlab checkpoint, safetensors export or Hub folder export")
     source.add_argument("--onnx", type=Path, help="an ONNX export, run with onnxruntime")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print one JSON line per image")
@@ -71,10 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     p.add_argument("--out", type=Path, help="default: RUN_DIR/curves.png")
 
-    p = sub.add_parser("export", help="export a checkpoint to ONNX or safetensors")
+    p = sub.add_parser("export", help="export a checkpoint to ONNX, safetensors or a Hugging Face Hub folder")
     p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--format", required=True, help="onnx or safetensors")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--format", required=True,
+                   help="onnx, safetensors, or hf: a Hub model folder (config.json, model.safetensors, README.md) "
+                        "that timm loads for a plain ViT")
+    p.add_argument("--out", type=Path, required=True, help="the file to write; for hf, a new or empty folder")
 
     p = sub.add_parser("pack", help="write a source's images as LitData chunks, to train on with --data shards:DIR")
     p.add_argument("source", help="cifar10, cifar100, fake[:N] or folder:PATH")
@@ -86,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_options(p)
 
     p = sub.add_parser("demo", help="a local web page: drop an image, see the top classes and the attention")
-    p.add_argument("--checkpoint", type=Path, required=True, help="a vitlab checkpoint or safetensors export")
+    p.add_argument("--checkpoint", type=Path, required=True, help="a vitlab checkpoint, safetensors export or Hub folder export")
     p.add_argument("--examples", type=Path, metavar="DIR", help="a folder of images to show as clickable examples")
     p.add_argument("--host", default="127.0.0.1", help="the address to serve on (default: this machine only)")
     p.add_argument("--port", type=int, default=7860)
@@ -133,10 +136,9 @@ def cmd_eval(args):
     if args.tta not in configs.TTA_NAMES:
         raise VitlabError(f"--tta must be one of {', '.join(configs.TTA_NAMES)}, not '{args.tta}'")
     model = load_model(args.checkpoint)
-    flags = data_flag_values(args)
+    data = configs.resolve(flags=data_flag_values(args)).data  # the flags are valid before they meet the record
     if args.held_out:
-        flags["data"].update(held_out_split(args, model.data_split))
-    data = configs.resolve(flags=flags).data
+        data = dataclasses.replace(data, **held_out_split(args, model.data_split))
     image_set = load_eval_set(data, model.config.image_size, model.class_names, held_out=args.held_out)
     result, logits = evaluate(model, image_set, tta=args.tta)
     if args.report:
@@ -189,7 +191,6 @@ def cmd_predict(args):
 
 
 def cmd_info(args):
-    import dataclasses
 
     from vitlab import config as configs
     from vitlab.inference import load_model

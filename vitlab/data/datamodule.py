@@ -144,6 +144,7 @@ class ImageDataModule(L.LightningDataModule):
         from vitlab.data import shards
 
         dataset = shards.shard_dataset(self.source.location, self.image_size, indices, shuffle=train, seed=self.seed,
+                                       drop_last=None if train else False,
                                        cache_dir=self.source.cache_dir, max_cache_size=self.config.shard_cache_size)
         return shards.shard_loader(dataset, self.config.batch_size, self.config.num_workers)
 

@@ -251,15 +251,17 @@ def train_mean_std(manifest: Manifest, indices: list[int]) -> tuple[tuple[float,
 
 
 def shard_dataset(location: str, image_size: int, indices: list[int] | None = None, shuffle: bool = False,
-                  seed: int = 0, names: bool = False,
+                  seed: int = 0, names: bool = False, drop_last: bool | None = None,
                   cache_dir: Path | None = None, max_cache_size: str = "25GB") -> litdata.StreamingDataset:
     """The items of a pack (those at `indices`, else all) as (uint8 image (3, S, S), label) pairs,
     or triples with the item's name. Shuffled by (seed, epoch) when asked. A remote pack's chunks
-    are cached in cache_dir, at most max_cache_size of them (LitData warns below 25GB)."""
+    are cached in cache_dir, at most max_cache_size of them (LitData warns below 25GB). drop_last:
+    LitData's default (with several processes, each drops what does not fill its last batch, so all
+    take the same steps); False for validation, which must score every image."""
     try:
         dataset = litdata.StreamingDataset(
             location, cache_dir=str(cache_dir) if cache_dir and is_remote(location) else None, shuffle=shuffle,
-            seed=seed, max_cache_size=max_cache_size,
+            seed=seed, max_cache_size=max_cache_size, drop_last=drop_last,
             transform=partial(decode_item, image_size=image_size, names=names),
         )
     except (ValueError, AssertionError, OSError) as e:  # LitData checks some inputs with assert

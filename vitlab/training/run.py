@@ -128,8 +128,12 @@ def quiet_lightning():
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime": on a CPU, none is
     for message in (".*isinstance\\(treespec, LeafSpec\\).*",  # inside Lightning's own code
                     ".*does not have many workers.*",  # in-memory data needs no loader workers
-                    ".*smaller than the logging interval.*"):  # logs are every 50 steps on purpose (GPU reads)
+                    ".*smaller than the logging interval.*",  # logs are every 50 steps on purpose (GPU reads)
+                    ".*IterableDataset. has .__len__. defined.*"):  # LitData gives each worker its own share
         warnings.filterwarnings("ignore", message)
+    # Validation streams every image on every process (drop_last=False) on purpose: it takes no
+    # collective step by step, so the processes' unequal shares cannot stall it.
+    logging.getLogger("litdata.streaming.dataset").addFilter(lambda record: "drop_last" not in record.getMessage())
 
 
 def build_trainer(config: RunConfig, run_dir: Path, callbacks: list[L.Callback]) -> L.Trainer:
