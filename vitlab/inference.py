@@ -11,7 +11,7 @@ import torch
 from vitlab.data.images import is_image_file, read_image
 from vitlab.errors import VitlabError
 from vitlab.evaluation import predict_logits
-from vitlab.export import read_metadata
+from vitlab.export import read_hub_folder, read_metadata
 from vitlab.io import read_checkpoint, read_safetensors
 from vitlab.model import ViT, ViTConfig
 from vitlab.progress import progress
@@ -24,6 +24,7 @@ def build_model(path: Path, config: dict, state: dict, class_names, image_mean, 
         raise VitlabError(f"{path}: weights do not fit its model config ({str(e).splitlines()[0]})") from None
     model.class_names = list(class_names)
     model.image_mean, model.image_std = tuple(image_mean), tuple(image_std)
+    model.loaded_from = path  # an export of a checkpoint finds its run directory by it
     return model.eval()
 
 
@@ -34,10 +35,23 @@ def load_safetensors(path: Path) -> ViT:
                        values["image_std"])
 
 
+def load_folder(path: Path) -> ViT:
+    """A Hub folder that `vitlab export --format hf` wrote: config.json's vitlab section and model.safetensors."""
+    values = read_hub_folder(path)
+    if values is None:
+        raise VitlabError(f"{path}/config.json has no vitlab section: it is not a vitlab export "
+                          f"(a timm ViT's folder can start a run: model.init={path})")
+    state, _ = read_safetensors(path / "model.safetensors")
+    return build_model(path, values["config"], state, values["class_names"], values["image_mean"],
+                       values["image_std"])
+
+
 def load_model(checkpoint_path: Path | str) -> ViT:
-    """The trained ViT from a checkpoint (.ckpt) or a safetensors export, in eval mode, with
-    `class_names`, `image_mean` and `image_std` set."""
+    """The trained ViT from a checkpoint (.ckpt), a safetensors export or a Hub folder export, in
+    eval mode, with `class_names`, `image_mean`, `image_std` and `loaded_from` (its path) set."""
     path = Path(checkpoint_path)
+    if path.is_dir():
+        return load_folder(path)
     if not path.is_file():
         raise VitlabError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":

@@ -236,6 +236,7 @@ class ViT(nn.Module):
         self.image_mean: tuple[float, ...] | None = None
         self.image_std: tuple[float, ...] | None = None
         self.data_split: dict | None = None  # the images its training held out (source, fraction, seed)
+        self.loaded_from: Path | None = None  # the file or folder load_model read (an export finds its run by it)
 
         self.patch_embed = PatchEmbed(config) if config.tokenizer == "patch" else ConvTokenizer(config)
         use_cls = config.pool == "cls"

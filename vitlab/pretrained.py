@@ -1,5 +1,6 @@
-"""Starting from trained weights (`model.init`): a vitlab checkpoint or safetensors export, a timm
-ViT's state dict on disk (.safetensors, .pth), or `timm:NAME` through timm's own pretrained loading.
+"""Starting from trained weights (`model.init`): a vitlab checkpoint, safetensors export or Hub folder
+export, a timm ViT's state dict on disk (.safetensors, .pth) or Hub folder, `timm:NAME` through timm's
+own pretrained loading, or `hf-hub:ORG/NAME`, a Hub folder downloaded by huggingface_hub.
 
 vitlab's parameter names are timm's for the plain ViT, so a timm state dict maps by name. The head
 is always made anew (zeros) for the new classes; the position embedding is resampled bicubically
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitlab.errors import VitlabError
+from vitlab.export import HUB_FILES, read_hub_folder
 from vitlab.inference import load_model
 from vitlab.io import read_safetensors
 from vitlab.model import ViT, ViTConfig
@@ -31,7 +33,11 @@ def read_init(spec: str) -> tuple[dict[str, torch.Tensor], ViTConfig | None]:
     bare state dict)."""
     if spec.startswith("timm:"):
         return timm_weights(spec[len("timm:"):])
+    if spec.startswith("hf-hub:"):
+        return folder_weights(hub_folder(spec[len("hf-hub:"):]), spec)
     path = Path(spec).expanduser()
+    if path.is_dir():
+        return folder_weights(path, spec)
     if not path.is_file():
         raise VitlabError(f"model.init: {path} does not exist")
     if path.suffix == ".safetensors":
@@ -63,6 +69,44 @@ def timm_weights(name: str) -> tuple[dict[str, torch.Tensor], ViTConfig]:
     except OSError as e:  # no network, no cached weights
         raise VitlabError(f"model.init: cannot download the weights of timm:{name} (offline? {e}); "
                           f"give a downloaded .safetensors/.pth file instead") from None
+    return timm_model.state_dict(), from_timm(timm_model).config
+
+
+def hub_folder(name: str) -> Path:
+    """The folder of the Hub model ORG/NAME (its config.json and model.safetensors), downloaded into
+    the Hugging Face cache or found there, or a one-line error naming the model."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError:
+        raise VitlabError(f"model.init: hf-hub:{name} needs huggingface_hub (pip install huggingface_hub)") from None
+    try:
+        return Path(snapshot_download(name, allow_patterns=list(HUB_FILES)))
+    except LocalEntryNotFoundError:  # no network (or HF_HUB_OFFLINE), and not in the cache
+        raise VitlabError(f"model.init: cannot download hf-hub:{name}: there is no network (or HF_HUB_OFFLINE "
+                          f"is set) and it is not in the Hugging Face cache") from None
+    except RepositoryNotFoundError:
+        raise VitlabError(f"model.init: the Hugging Face Hub has no model {name} (or it is private or gated: "
+                          f"log in with `hf auth login`)") from None
+    except (OSError, ValueError) as e:  # HTTP errors, names the Hub refuses
+        raise VitlabError(f"model.init: cannot download hf-hub:{name} ({' '.join(str(e).split())})") from None
+
+
+def folder_weights(folder: Path, spec: str) -> tuple[dict[str, torch.Tensor], ViTConfig]:
+    """A Hub folder's weights and model config: a vitlab export's, or a timm ViT's (timm builds it
+    from the folder, then it is converted)."""
+    if read_hub_folder(folder) is not None:
+        model = load_model(folder)
+        return model.state_dict(), model.config
+    try:
+        import timm
+    except ImportError:
+        raise VitlabError(f"model.init: {spec} is a timm model folder; reading it needs timm (pip install timm)") from None
+    try:
+        timm_model = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:  # timm's kinds for configs it cannot build
+        raise VitlabError(f"model.init: timm cannot build the model of {spec} "
+                          f"({' '.join(str(e).split()) or type(e).__name__})") from None
     return timm_model.state_dict(), from_timm(timm_model).config
 
 
