@@ -89,6 +89,25 @@ def test_sigterm_mid_epoch_then_the_same_command_resumes_exactly(images, straigh
     assert float(rows[1]["elapsed_s"]) >= stopped["callbacks"]["MetricsCSV"]["elapsed_s"] > 0
 
 
+def test_a_second_sigint_stops_at_once_with_130_and_one_line(images, tmp_path, capsys, monkeypatch):
+    run_dir = tmp_path / "run"
+    original = training_module.Classifier.training_step
+
+    def training_step(self, batch, batch_idx):  # Ctrl-C twice during step 4
+        if self.global_step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(training_module.Classifier, "training_step", training_step)
+    code, _, err = run_cli(capsys, *train_args(images, run_dir, "--max-epochs", "1"))
+    assert code == 130
+    assert [line for line in err.splitlines() if line.startswith("vitlab")] == [
+        "vitlab train: error: interrupted again: stopped at once, without a checkpoint; --resume continues "
+        "from the last one"]
+    assert "Traceback" not in err
+
+
 def test_sigint_saves_and_exits_non_zero(images, tmp_path, capsys, monkeypatch):
     run_dir = tmp_path / "run"
     signal_at_step(monkeypatch, signal.SIGINT, 4)

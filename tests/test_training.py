@@ -1,13 +1,13 @@
 import dataclasses
 import math
 import re
+import signal
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Timer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -16,6 +16,7 @@ from vitlab import config as configs
 from vitlab.errors import VitlabError
 from vitlab.evaluation import tta_logits
 from vitlab.config import OptimConfig
+from vitlab.training.callbacks import RunClock, StopRequests
 from vitlab.training.module import Classifier, param_groups, warmup_cosine
 
 
@@ -285,12 +286,12 @@ def test_a_short_fit_logs_its_losses_and_follows_the_schedule():
     assert trainer.logged_metrics["val_acc"].item() == pytest.approx(accuracy)
 
 
-def timer(elapsed: float, remaining: float | None) -> Timer:
-    """A Timer that reports elapsed and remaining seconds of training (remaining None: no max_time)."""
-    timer = Timer()
-    timer.time_elapsed = lambda stage="train": elapsed if stage == "train" else 0.0
-    timer.time_remaining = lambda stage="train": remaining if stage == "train" else None
-    return timer
+def timer(elapsed: float, remaining: float | None) -> RunClock:
+    """A run's clock that agreed, after a step, on `elapsed` seconds of training with `remaining`
+    left (remaining None: no max_time)."""
+    clock = RunClock(None if remaining is None else elapsed + remaining, StopRequests())
+    clock.agreed_step, clock.agreed_elapsed = 1, elapsed
+    return clock
 
 
 def test_training_progress_is_the_further_of_steps_and_time():
@@ -393,12 +394,35 @@ def test_checkpoint_gathers_the_random_state_of_every_process(monkeypatch):
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_processes_follow_the_first_process_clock():
-    classifier = micro_classifier()
-    classifier.schedule_start = 0.0
-    for rank, expected in ((0, 0.25), (1, 0.5)):  # process 1's own clock would say 0.25 too
-        two_processes(classifier, rank, 0.5, estimated_stepping_batches=math.inf, callbacks=[timer(0.2, 0.6)])
-        assert classifier.training_progress(3) == pytest.approx(expected)
+def test_processes_agree_on_the_first_process_clock_and_stop_request_at_log_steps_and_epoch_ends():
+    stops = StopRequests()
+    clock = RunClock(100.0, stops)
+    clock.time_elapsed = lambda stage="train": 20.0  # this process's own clock
+    for rank in (0, 1):
+        trainer = SimpleNamespace(world_size=2, global_rank=rank, log_every_n_steps=50, should_stop=False,
+                                  strategy=TwoProcesses(rank, (60.0, signal.SIGTERM)))
+        clock.agreed_step, clock.agreed_elapsed, clock.stop = -1, 0.0, None
+        for step in (2, 49, 51):  # no agreement: the process keeps what was last agreed
+            trainer.global_step = step
+            clock.on_train_batch_end(trainer)
+            assert (clock.agreed_step, clock.agreed_elapsed, clock.stop) == (-1, 0.0, None)
+        for step, hook in ((1, clock.on_train_batch_end), (50, clock.on_train_batch_end),
+                           (63, clock.on_train_epoch_end)):
+            trainer.global_step = step
+            hook(trainer)
+            # Rank 0's own time and (no) stop request; the other process takes rank 0's.
+            assert (clock.agreed_step, clock.agreed_elapsed, clock.stop) == (
+                (step, 20.0, None) if rank == 0 else (step, 60.0, signal.SIGTERM))
+        assert trainer.should_stop is False
+    # Past the time limit: every process stops at the same step.
+    trainer.strategy = TwoProcesses(1, (100.5, None))
+    clock.on_train_epoch_end(trainer)
+    assert trainer.should_stop is True
+    # One process agrees with itself after every step.
+    single = SimpleNamespace(world_size=1, global_rank=0, global_step=7, log_every_n_steps=50, should_stop=False)
+    stops.signum = signal.SIGUSR1
+    clock.on_train_batch_end(single)
+    assert (clock.agreed_step, clock.agreed_elapsed, clock.stop) == (7, 20.0, signal.SIGUSR1)
 
 
 def test_optimiser_is_adamw_with_the_decay_rule_and_a_per_step_schedule():

@@ -113,7 +113,7 @@ def data_flag_values(args) -> dict:
 def cmd_train(args):
     from vitlab import config as configs
     from vitlab.api import train
-    from vitlab.training.run import launched_as_rank_zero
+    from vitlab.training.processes import launched_as_rank_zero
 
     overrides = {f"data.{k}": v for k, v in data_flag_values(args)["data"].items() if k != "source"}
     overrides.update({f"trainer.{k}": v for k in ("accelerator", "devices", "num_nodes")
@@ -251,6 +251,12 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "info"
             "pack": cmd_pack}
 
 
+def launched_first() -> bool:
+    from vitlab.training.processes import launched_as_rank_zero
+
+    return launched_as_rank_zero()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -263,8 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except VitlabError as e:
-        print(f"vitlab {args.command}: error: {e}", file=sys.stderr)
-        return getattr(e, "exit_code", 1)
+        if not e.rank_zero_tells or launched_first():
+            print(f"vitlab {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"vitlab {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -1,9 +1,11 @@
 """The Lightning callbacks of a training run, each one concern:
 
+- `RunClock` is the run's clock and time limit (trainer.max_time), and carries stop requests
+  (`StopRequests`: SIGTERM, SIGINT, SLURM's SIGUSR1); with several processes it is where they agree.
 - `MetricsCSV` appends one row per epoch to RUN_DIR/metrics.csv.
 - `LastCheckpoint` keeps RUN_DIR/checkpoints/last.ckpt current: every `trainer.checkpoint_every`
-  of wall time, when training ends, and when SIGTERM, SIGINT or SLURM's SIGUSR1 (noted by
-  `StopRequests`) asks it to stop. `BestCheckpoint` keeps best.ckpt, the best validation accuracy so far.
+  of training time, when training ends, and on a stop request. `BestCheckpoint` keeps best.ckpt,
+  the best validation accuracy so far.
 - `DivergenceGuard` stops training at the first non-finite loss.
 Checkpoints themselves are written and read by vitlab.io (write_checkpoint, read_checkpoint).
 """
@@ -16,10 +18,12 @@ import shutil
 import signal
 import subprocess
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
 
 from vitlab.errors import VitlabError
 from vitlab.io import atomic_open, free_space, read_metric_rows
@@ -104,6 +108,8 @@ class MetricsCSV(L.Callback):
 class Interrupted(VitlabError):
     """Training stopped on a signal after saving a checkpoint; the exit code says which signal."""
 
+    rank_zero_tells = True
+
     def __init__(self, signum: int, checkpoint: Path, note: str = ""):
         self.exit_code = 128 + signum
         super().__init__(f"stopped by {signal.Signals(signum).name}; saved {checkpoint}{note}: "
@@ -124,12 +130,19 @@ def requeue_slurm_job() -> str:
     return f"; requeued SLURM job {job}"
 
 
+class Aborted(VitlabError):
+    """A second Ctrl-C: training stops at once, without a checkpoint."""
+
+    exit_code = 130
+    rank_zero_tells = True
+
+
 class StopRequests:
     """SIGTERM, SIGINT and SIGUSR1, while installed, only note that training should stop (a second
-    SIGINT interrupts at once), so that the stop can happen between two batches with a checkpoint.
-    SIGUSR1 is SLURM's warning before a time limit (`#SBATCH --signal=SIGUSR1@90`): the job is then
-    also requeued. Installed before the Trainer, these replace Lightning's own SIGUSR1 handling,
-    which saves from inside the signal handler, part-way through a step, to a file --resume does not read."""
+    SIGINT interrupts at once), so that the stop can happen between two steps with a checkpoint
+    (the RunClock carries the request to every process). SIGUSR1 is SLURM's warning before a time
+    limit (`#SBATCH --signal=SIGUSR1@90`): the job is then also requeued. They replace Lightning's
+    own signal handling, which vitlab.training.processes switches off."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -139,7 +152,8 @@ class StopRequests:
 
     def handle(self, signum, frame):
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise Aborted("interrupted again: stopped at once, without a checkpoint; --resume continues "
+                          "from the last one")
         self.signum = signum
 
     def __enter__(self):
@@ -151,55 +165,87 @@ class StopRequests:
             signal.signal(s, handler)
 
 
+class RunClock(Timer):
+    """The run's clock: Lightning's Timer (its time limit stops training after a step; its time
+    survives resumes) and what the LR schedule and LastCheckpoint read from it, with stop requests.
+
+    Processes must decide together: one that saves or stops alone leaves the others waiting in a
+    collective for ever, and a signal sent to the launching process reaches rank 0 alone. They
+    agree by one broadcast of rank 0's (training time, stop request), but not at every step (a
+    broadcast makes the host wait for the device): after the first step (when compiling ends),
+    every trainer.log_every_n_steps steps (when Lightning reads its logs from the device anyway) and
+    at each epoch's end. So under DDP the time limit, the time-fitted LR and the checkpoint timer lag
+    by at most that interval, and a stop request waits for the next agreement. One process agrees
+    with itself after every step."""
+
+    def __init__(self, duration_s: float | None, stops: StopRequests):
+        super().__init__(duration=None if duration_s is None else timedelta(seconds=duration_s), interval="step")
+        self.duration_s = duration_s
+        self.stops = stops
+        self.agreed_step = -1  # the global step of the last agreement, and what was agreed then:
+        self.agreed_elapsed = 0.0  # rank 0's seconds of training (across resumes)
+        self.stop: int | None = None  # the signal that asked training to stop, if any
+
+    def agree(self, trainer: L.Trainer):
+        agreed = (self.time_elapsed(), self.stops.signum)
+        if trainer.world_size > 1:
+            agreed = trainer.strategy.broadcast(agreed, src=0)
+        self.agreed_elapsed, self.stop = agreed
+        self.agreed_step = trainer.global_step
+        if self.duration_s is not None and self.agreed_elapsed >= self.duration_s:
+            trainer.should_stop = True
+
+    def on_fit_start(self, trainer, *args, **kwargs):
+        self.agree(trainer)  # a resumed run whose time is spent stops at once
+
+    def on_train_batch_end(self, trainer, *args, **kwargs):
+        step = trainer.global_step
+        if trainer.world_size == 1 or step == 1 or step % trainer.log_every_n_steps == 0:
+            self.agree(trainer)
+
+    def on_train_epoch_end(self, trainer, *args, **kwargs):
+        self.agree(trainer)
+
+
 class LastCheckpoint(L.Callback):
     """last.ckpt: the training state to resume from, written every `interval_s` seconds of training
-    (after the batch or at the end of the epoch where it falls due), when training ends, and on a
-    stop request (then training ends with `Interrupted`). Not at every epoch's end: on a GPU an
-    epoch can take a second, and writing the checkpoint a fifth of one."""
+    (after the step or at the end of the epoch where it falls due, as the RunClock agreed), when
+    training ends, and on a stop request (then training ends with `Interrupted`). Not at every
+    epoch's end: on a GPU an epoch can take a second, and writing the checkpoint a fifth of one."""
 
-    def __init__(self, path: Path, interval_s: float, stops: StopRequests):
+    def __init__(self, path: Path, interval_s: float, clock: RunClock):
         self.path = path
         self.interval_s = interval_s
-        self.stops = stops
-        self.saved_at = time.monotonic()
+        self.clock = clock
+        self.saved_at = 0.0  # the clock's training time at the last save (or the start)
 
     def save(self, trainer: L.Trainer):
         trainer.save_checkpoint(self.path, weights_only=False)  # the whole training state, to resume from
-        self.saved_at = time.monotonic()
+        self.saved_at = self.clock.agreed_elapsed
+
+    def on_fit_start(self, trainer, module):
+        self.saved_at = self.clock.agreed_elapsed
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if batch_idx + 1 >= trainer.num_training_batches:
-            # The epoch's last batch: its checkpoint comes at the epoch's end, after validation and the
-            # metrics row (Lightning resumed from here would skip the epoch's end).
+        if self.clock.agreed_step != trainer.global_step or batch_idx + 1 >= trainer.num_training_batches:
+            # Only where the processes agreed; and the epoch's last batch has its checkpoint at the
+            # epoch's end, after validation and the metrics row (Lightning resumed from here would skip it).
             return
-        stop, due = self.stops.signum, time.monotonic() - self.saved_at >= self.interval_s
-        if trainer.world_size > 1:  # every process saves together (saving waits for all): rank 0 decides
-            stop, due = trainer.strategy.broadcast((stop, due), src=0)
-        if due or stop is not None:
-            self.save(trainer)
-        self.stop_if_asked(trainer, stop)
+        self.act(trainer, end=False)
 
     def on_train_epoch_end(self, trainer, module):
-        stop, due = self.stops.signum, time.monotonic() - self.saved_at >= self.interval_s
-        if trainer.world_size > 1:
-            stop, due = trainer.strategy.broadcast((stop, due), src=0)
-        # Every ending is known here: max_epochs; a time limit (Lightning's Timer stops after a batch);
-        # early stopping (it decides when validation ends, see run.py). Not later: at the end of
-        # training the EMA callback puts the averaged weights in the model.
-        last_epoch = trainer.should_stop or trainer.current_epoch + 1 == trainer.max_epochs
-        if due or stop is not None or last_epoch:
-            self.save(trainer)
-        self.stop_if_asked(trainer, stop)
+        # Every ending is known here: max_epochs; the time limit (the clock stops after a step); early
+        # stopping (it decides when validation ends, see run.py). Not later: at the end of training the
+        # EMA callback puts the averaged weights in the model.
+        self.act(trainer, end=trainer.should_stop or trainer.current_epoch + 1 == trainer.max_epochs)
 
-    def stop_if_asked(self, trainer, stop: int | None):
+    def act(self, trainer: L.Trainer, end: bool):
+        stop = self.clock.stop
+        if end or stop is not None or self.clock.agreed_elapsed - self.saved_at >= self.interval_s:
+            self.save(trainer)
         if stop is not None:
             requeued = requeue_slurm_job() if stop == signal.SIGUSR1 and trainer.is_global_zero else ""
             raise Interrupted(stop, self.path, requeued)
-
-    def on_exception(self, trainer, module, exception):
-        # Lightning's own SIGTERM handling can stop the loop between our hook and the next batch.
-        if type(exception).__name__ == "SIGTERMException" and self.stops.signum is not None:
-            self.save(trainer)
 
 
 class BestCheckpoint(L.Callback):

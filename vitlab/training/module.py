@@ -8,7 +8,6 @@ from dataclasses import asdict
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Timer
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -17,6 +16,7 @@ from vitlab.config import DataConfig, OptimConfig
 from vitlab.evaluation import tta_logits
 from vitlab.model import ViT, ViTConfig
 from vitlab.pretrained import is_pretrained
+from vitlab.training.callbacks import RunClock
 
 
 def param_groups(model: nn.Module, weight_decay: float, pretrained_lr_scale: float | None = None) -> list[dict]:
@@ -74,7 +74,8 @@ class Classifier(L.LightningModule):
         # The epoch's training loss and accuracy as running sums (loss x images, correct, images), kept
         # on the device (no host sync per step) and saved in checkpoints, so that an epoch resumed
         # part-way through reports the same numbers as one that ran straight through.
-        self.register_buffer("train_sums", torch.zeros(3, dtype=torch.float64), persistent=False)
+        # Not a buffer: DDP would overwrite every process's sums with rank 0's before each forward.
+        self.train_sums = torch.zeros(3, dtype=torch.float64)
         self.schedule_start: float | None = None  # the Timer's training seconds when the first step ended
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -94,6 +95,9 @@ class Classifier(L.LightningModule):
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             self.log("train_loss", loss, on_step=True, on_epoch=False)
         return loss
+
+    def on_fit_start(self):
+        self.train_sums = self.train_sums.to(self.device)  # not a buffer, so not moved with the module
 
     def on_train_epoch_start(self):
         self.train_sums.zero_()
@@ -148,7 +152,8 @@ class Classifier(L.LightningModule):
 
     def training_progress(self, step: int) -> float:
         """Fraction of training done, in [0, 1]: by steps towards max_epochs, or by wall time towards
-        max_time, whichever is further, so the schedule always ends where training ends. Time counts
+        max_time, whichever is further, so the schedule always ends where training ends. Time is the
+        RunClock's, the same in every process (it may lag by a few steps, see RunClock), counted
         from the end of the first step: the time before it went to compiling (a minute of a 5-minute
         budget on a GPU), and warm-up is a fraction of the time that trains."""
         if step == 0:
@@ -158,16 +163,13 @@ class Classifier(L.LightningModule):
             return 0.0
         total_steps = self.trainer.estimated_stepping_batches  # inf when only max_time limits training
         by_steps = step / total_steps if math.isfinite(total_steps) else 0.0
-        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        clock = next((c for c in self.trainer.callbacks if isinstance(c, RunClock)), None)
         by_time = 0.0
-        if timer is not None and timer.time_remaining("train") is not None:
-            elapsed = timer.time_elapsed("train")
+        if clock is not None and clock.duration_s is not None and clock.agreed_step >= 1:
             if self.schedule_start is None:
-                self.schedule_start = elapsed
-            trained = elapsed - self.schedule_start
-            by_time = trained / max(1e-9, trained + timer.time_remaining("train"))
-            if self.trainer.world_size > 1:  # one clock for all processes, or their LRs would drift apart
-                by_time = self.trainer.strategy.broadcast(by_time, src=0)
+                self.schedule_start = clock.agreed_elapsed
+            trained = clock.agreed_elapsed - self.schedule_start
+            by_time = trained / max(1e-9, clock.duration_s - self.schedule_start)
         return min(1.0, max(by_steps, by_time))
 
     def configure_optimizers(self):

@@ -33,8 +33,10 @@ from vitlab.data.datamodule import ImageDataModule
 from vitlab.errors import VitlabError
 from vitlab.io import read_checkpoint, read_metric_rows, write_checkpoint
 from vitlab.pretrained import init_config, load_init, read_init
-from vitlab.training.callbacks import BestCheckpoint, DivergenceGuard, LastCheckpoint, MetricsCSV, StopRequests
+from vitlab.training.callbacks import (BestCheckpoint, DivergenceGuard, LastCheckpoint, MetricsCSV, RunClock,
+                                       StopRequests)
 from vitlab.training.module import Classifier
+from vitlab.training.processes import launched_as_rank_zero, lost_process, watched, without_lightning_signals
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -45,13 +47,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         return read_checkpoint(Path(path))
-
-
-def launched_as_rank_zero() -> bool:
-    """Whether this process is the first of its launch (or the only one), known before the Trainer
-    exists from the variables the launchers set: torchrun (RANK), Lightning's own launcher
-    (LOCAL_RANK, NODE_RANK), SLURM (SLURM_PROCID)."""
-    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
 def default_precision(accelerator: str) -> str:
@@ -101,8 +96,10 @@ def build_callbacks(config: RunConfig, run_dir: Path, resume: bool, stops: StopR
     """The run's callbacks, in the order they must act at each step."""
     t = config.trainer
     last = run_dir / "checkpoints" / "last.ckpt"
+    clock = RunClock(None if t.max_time is None else configs.parse_duration(t.max_time).total_seconds(), stops)
     callbacks = [
         DivergenceGuard(last),  # first: a diverged step stops before anything is saved
+        clock,  # before those that act on what the processes agreed
         MetricsCSV(run_dir / "metrics.csv"),
         LearningRateMonitor(logging_interval="step"),
     ]
@@ -114,7 +111,7 @@ def build_callbacks(config: RunConfig, run_dir: Path, resume: bool, stops: StopR
         callbacks.append(EarlyStopping(monitor="val_loss", mode="min", check_on_train_epoch_end=False,
                                        patience=math.ceil(t.early_stopping_patience / t.val_every_n_epochs)))
     callbacks += [  # last: a checkpoint holds what every other callback did at that step (the EMA update)
-        LastCheckpoint(last, configs.parse_duration(t.checkpoint_every).total_seconds(), stops),
+        LastCheckpoint(last, configs.parse_duration(t.checkpoint_every).total_seconds(), clock),
         BestCheckpoint(run_dir / "checkpoints" / "best.ckpt", last, best_val_acc(run_dir) if resume else None),
     ]
     return callbacks
@@ -142,7 +139,7 @@ def build_trainer(config: RunConfig, run_dir: Path, callbacks: list[L.Callback])
     if "bf16" in precision and (t.accelerator == "cpu" or not torch.cuda.is_available()):
         print(f"warning: precision {precision} on a CPU is very slow on most CPUs; "
               f"trainer.precision=32-true trains in fp32", file=sys.stderr)
-    return L.Trainer(
+    return without_lightning_signals(L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
@@ -150,7 +147,7 @@ def build_trainer(config: RunConfig, run_dir: Path, callbacks: list[L.Callback])
         use_distributed_sampler=False,  # the loaders shard by rank themselves (EpochBatches)
         default_root_dir=run_dir,
         max_epochs=-1 if t.max_epochs is None else t.max_epochs,
-        max_time=None if t.max_time is None else configs.parse_duration(t.max_time),
+        max_time=None,  # the RunClock among the callbacks is the Timer
         precision=precision,
         gradient_clip_val=t.gradient_clip,
         callbacks=callbacks,
@@ -161,7 +158,7 @@ def build_trainer(config: RunConfig, run_dir: Path, callbacks: list[L.Callback])
         num_sanity_val_steps=0,
         check_val_every_n_epoch=t.val_every_n_epochs,
         enable_model_summary=False,  # train() prints the model's own summary, with its real FLOPs per image
-    )
+    ))
 
 
 def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
@@ -205,8 +202,12 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
     quiet_lightning()
     stops = StopRequests()
     trainer = build_trainer(config, run_dir, build_callbacks(config, run_dir, resume, stops))
-    with stops:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    parent = os.getppid()
+    with stops, watched(trainer) as watch:
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except RuntimeError as e:  # a collective failed: is another process gone?
+            raise lost_process(e, trainer, watch, parent, last) or e from None
     metrics = next(c for c in trainer.callbacks if isinstance(c, MetricsCSV))
     if metrics.pending is not None:  # the final weights are not validated yet
         trainer.validate(module, datamodule=datamodule, verbose=False)
