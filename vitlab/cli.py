@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=3e-4")
 
     p = sub.add_parser("eval", help="accuracy, loss and per-class accuracy of a checkpoint")
-    p.add_argument("--checkpoint", type=Path, required=True)
+    scored = p.add_mutually_exclusive_group(required=True)
+    scored.add_argument("--checkpoint", type=Path, help="a vitlab checkpoint, safetensors export or Hub folder export")
+    scored.add_argument("--onnx", type=Path, help="an ONNX export (fp32 or int8), run with onnxruntime")
     p.add_argument("--data", required=True, help="cifar10, cifar100 (test split), fake[:N], or folder:PATH (every image)")
     p.add_argument("--held-out", action="store_true",
                    help="score only the part of --data that training holds out for validation")
@@ -78,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnx, safetensors, or hf: a Hub model folder (config.json, model.safetensors, README.md) "
                         "that timm loads for a plain ViT")
     p.add_argument("--out", type=Path, required=True, help="the file to write; for hf, a new or empty folder")
+    p.add_argument("--quantize", metavar="int8",
+                   help="onnx only: int8 weights and activations (onnxruntime static quantization), "
+                        "calibrated on training images of --calibrate")
+    p.add_argument("--calibrate", metavar="SOURCE",
+                   help="the data source (cifar10, folder:PATH, shards:DIR, fake:N) whose training images "
+                        "calibrate --quantize; a run's own source keeps its held-out images out")
+    p.add_argument("--calibrate-images", type=int, default=512, metavar="N",
+                   help="how many training images calibrate --quantize (default 512)")
+    add_data_options(p)
 
     p = sub.add_parser("pack", help="write a source's images as LitData chunks, to train on with --data shards:DIR")
     p.add_argument("source", help="cifar10, cifar100, fake[:N] or folder:PATH")
@@ -131,11 +142,11 @@ def cmd_eval(args):
     from vitlab import config as configs
     from vitlab.data.sources import load_eval_set
     from vitlab.evaluation import evaluate, write_report
-    from vitlab.inference import load_model
+    from vitlab.inference import OnnxModel, load_model
 
     if args.tta not in configs.TTA_NAMES:
         raise VitlabError(f"--tta must be one of {', '.join(configs.TTA_NAMES)}, not '{args.tta}'")
-    model = load_model(args.checkpoint)
+    model = OnnxModel(args.onnx) if args.onnx else load_model(args.checkpoint)
     data = configs.resolve(flags=data_flag_values(args)).data  # the flags are valid before they meet the record
     if args.held_out:
         data = dataclasses.replace(data, **held_out_split(args, model.data_split))
@@ -159,7 +170,7 @@ def held_out_split(args, recorded: dict | None) -> dict:
 
     if recorded is None:
         fraction = args.val_fraction if args.val_fraction is not None else 0.1
-        print(f"note: {args.checkpoint} does not record which images its run held out: assuming "
+        print(f"note: {args.checkpoint or args.onnx} does not record which images its run held out: assuming "
               f"--val-fraction {fraction} and split seed 0", file=sys.stderr)
         return {}
     if not same_source(recorded["source"], args.data):
@@ -223,11 +234,29 @@ def cmd_plot(args):
 
 
 def cmd_export(args):
-    from vitlab.export import export
+    from vitlab import config as configs
+    from vitlab.export import QUANTIZATIONS, calibration_images, export, export_onnx_int8
     from vitlab.inference import load_model
 
-    export(load_model(args.checkpoint), args.format, args.out)
-    print(f"exported {args.checkpoint} as {args.format} to {args.out}")
+    if args.quantize is None:
+        if args.calibrate is not None:
+            raise VitlabError("--calibrate is for --quantize int8: leave it out, or add --quantize int8")
+        export(load_model(args.checkpoint), args.format, args.out)
+        print(f"exported {args.checkpoint} as {args.format} to {args.out}")
+        return
+    if args.format != "onnx":
+        raise VitlabError(f"--quantize is for --format onnx, not {args.format}")
+    if args.quantize not in QUANTIZATIONS:
+        raise VitlabError(f"--quantize must be {' or '.join(QUANTIZATIONS)}, not '{args.quantize}'")
+    if args.calibrate is None:
+        raise VitlabError("--quantize int8 needs --calibrate SOURCE: training images to measure the "
+                          "activation ranges on (e.g. the source the model was trained on)")
+    model = load_model(args.checkpoint)
+    data = configs.resolve(flags={"data": {**data_flag_values(args)["data"], "source": args.calibrate}}).data
+    images = calibration_images(model, data, args.calibrate_images)
+    export_onnx_int8(model, args.out, images)
+    print(f"exported {args.checkpoint} as onnx int8 to {args.out} (calibrated on {len(images)} training "
+          f"images of {args.calibrate})")
 
 
 def cmd_pack(args):

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import json
 import shlex
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import yaml
 
 from vitlab import config as configs
-from vitlab.config import RunConfig
+from vitlab.config import DataConfig, RunConfig
+from vitlab.data.augment import normalize
 from vitlab.errors import VitlabError
 from vitlab.io import atomic_write, read_checkpoint, read_metric_rows
 from vitlab.model import ViT, ViTConfig
@@ -63,6 +64,126 @@ def export_onnx(model: ViT, out: Path):
     for key, value in metadata(model).items():
         graph.metadata_props.add(key=key, value=value)
     atomic_write(out, graph.SerializeToString(), "ONNX export")
+
+
+QUANTIZATIONS = ("int8",)
+CALIBRATION_IMAGES = 512  # the default of `export --calibrate-images`
+# The ops that get int8 weights and int8 inputs: the convolutions and the linear layers (MatMul with
+# a weight; Gemm, the head), where the compute is. LayerNorm, Softmax, GELU, BatchNorm and the
+# attention's own products (q.k and attention.v, MatMuls of two activations) stay fp32: onnxruntime
+# has no int8 kernels for the former, so quantizing them only adds QuantizeLinear/DequantizeLinear
+# work, and the latter are small (16 tokens). Measured on a cpu-hour model (docs/experiments.md,
+# "int8 on the CPU"; `benchmarks/inference.py --variants`): held-out accuracy was within 0.2 points
+# of fp32 whatever was quantized, so speed decided: every op, about 0.9x fp32's throughput; these
+# three with the attention products too, 1.2-1.3x; with weights only (this), 1.3-1.4x.
+# Per-channel weights: +0.2 points over per-tensor at the same speed.
+QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
+QUANTIZE_ACTIVATION_MATMULS = False
+
+
+def activation_matmuls(graph) -> list[str]:
+    """The names of the graph's MatMul nodes with no constant input: the attention's q.k and attention.v."""
+    constants = {tensor.name for tensor in graph.initializer}
+    constants |= {node.output[0] for node in graph.node if node.op_type == "Constant"}
+    return [node.name for node in graph.node
+            if node.op_type == "MatMul" and not any(name in constants for name in node.input)]
+
+
+def calibration_images(model: ViT, data: DataConfig, count: int = CALIBRATION_IMAGES,
+                       seed: int = 0) -> torch.Tensor:
+    """Up to `count` uint8 images (N, C, H, W) from the training part of data.source, at the model's
+    image size, a seeded random choice (so every class is likely represented): the images int8
+    calibration measures activation ranges on. Never a held-out image: where data.source is the
+    source the model was trained on, its run's recorded split (model.data_split) says which images
+    were held out. Classes the model does not know are a one-line error."""
+    from vitlab.data.sources import align_classes, open_source, same_source
+
+    if count < 1:
+        raise VitlabError(f"--calibrate-images must be at least 1, not {count}")
+    recorded = getattr(model, "data_split", None)
+    if recorded and same_source(recorded["source"], data.source):
+        data = replace(data, **{k: recorded[k] for k in ("val_fraction", "split_seed", "skip_bad_images")})
+    source = open_source(data, model.config.image_size)
+    train = source.train_val()[0]  # an ImageSet, or for a pack the indices of its training items
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:count]
+    if source.streams:
+        chosen = source.decode(sorted(train[i] for i in order.tolist()))
+    else:
+        chosen = train.subset(order)
+    return align_classes(chosen, model.class_names, source.description).images
+
+
+class CalibrationReader:
+    """onnxruntime's CalibrationDataReader over uint8 images: batches normalised as the model was
+    trained (model.image_mean/std, as predict and eval normalise them), fed to the graph's input."""
+
+    def __init__(self, images: torch.Tensor, mean, std, batch_size: int = 64):
+        self.batches = (normalize(images[i:i + batch_size], mean, std).numpy()
+                        for i in range(0, len(images), batch_size))
+
+    def get_next(self) -> dict | None:
+        batch = next(self.batches, None)
+        return None if batch is None else {"images": batch}
+
+
+@dataclass(frozen=True)
+class Int8Recipe:
+    """How export_onnx_int8 quantizes; the defaults are vitlab's (see QUANTIZED_OPS). The others are
+    for measuring the choice (benchmarks/inference.py --variants)."""
+
+    op_types: tuple[str, ...] | None = QUANTIZED_OPS  # None: every op onnxruntime can quantize
+    activation_matmuls: bool = QUANTIZE_ACTIVATION_MATMULS  # the attention's q.k and attention.v too
+    per_channel: bool = True  # a scale per output channel of each weight, else one per tensor
+    pre_process: bool = True  # onnxruntime's quant_pre_process first
+    calibration: str = "minmax"  # or "percentile": ranges from the 0.001st to 99.999th percentile
+
+    def describe(self) -> str:
+        ops = "every op onnxruntime quantizes" if self.op_types is None else "/".join(self.op_types)
+        return (f"static, QDQ; {ops}{'' if self.activation_matmuls else ' (MatMuls with a weight)'}; int8 weights "
+                f"{'per channel' if self.per_channel else 'per tensor'}, int8 activations calibrated by "
+                f"{self.calibration}")
+
+
+def export_onnx_int8(model: ViT, out: Path, images: torch.Tensor, recipe: Int8Recipe = Int8Recipe()):
+    """The ONNX export (export_onnx) statically quantized to int8 by onnxruntime, as `recipe` says (by
+    default: int8 weights per output channel and int8 activations of the Conv/MatMul/Gemm ops in QDQ
+    format, QuantizeLinear/DequantizeLinear pairs that onnxruntime fuses into int8 kernels), the
+    activation ranges calibrated on `images`, uint8 training images (calibration_images). The batch
+    axis stays dynamic; the metadata is the fp32 export's plus `vitlab.quantization`."""
+    import contextlib
+    import sys
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
+    with tempfile.TemporaryDirectory(prefix="vitlab-int8-") as tmp:
+        fp32, prepared, int8 = (Path(tmp) / name for name in ("fp32.onnx", "prepared.onnx", "int8.onnx"))
+        export_onnx(model, fp32)
+        if recipe.pre_process:
+            # Shape inference and onnxruntime's basic graph optimisations, as onnxruntime recommends
+            # before quantizing (without them its quantizer warns; the int8 file came out 7% larger).
+            quant_pre_process(str(fp32), str(prepared))
+        else:
+            prepared = fp32
+        reader = CalibrationReader(images, model.image_mean, model.image_std)
+        excluded = [] if recipe.activation_matmuls else activation_matmuls(onnx.load(str(prepared)).graph)
+        # Signed int8 activations and weights (S8S8) in QDQ form: onnxruntime's advised first choice
+        # on x86 (its U8S8 kernels can saturate).
+        with contextlib.redirect_stdout(sys.stderr):  # its histogram calibrations print their progress
+            quantize_static(str(prepared), str(int8), reader, quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=None if recipe.op_types is None else list(recipe.op_types),
+                            nodes_to_exclude=excluded, per_channel=recipe.per_channel,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=methods[recipe.calibration])
+        graph = onnx.load(str(int8))
+    del graph.metadata_props[:]
+    quantization = {"format": "int8", "calibration_images": len(images), "method": recipe.describe()}
+    for key, value in {**metadata(model), "vitlab.quantization": json.dumps(quantization)}.items():
+        graph.metadata_props.add(key=key, value=value)
+    atomic_write(out, graph.SerializeToString(), "ONNX int8 export")
 
 
 def export_safetensors(model: ViT, out: Path):

@@ -69,20 +69,27 @@ def load_model(checkpoint_path: Path | str) -> ViT:
 class OnnxModel:
     """A model exported to ONNX, run with onnxruntime; usable wherever `predict` takes a ViT."""
 
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, threads: int | None = None):
+        """threads: onnxruntime's intra-op threads (default: its own, one per physical core)."""
         import onnxruntime
 
         path = Path(path)
         if not path.is_file():
             raise VitlabError(f"ONNX model {path} does not exist")
+        options = onnxruntime.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
         try:
-            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for bad files
             raise VitlabError(f"{path} is not an ONNX model ({type(e).__name__})") from None
         values = read_metadata(self.session.get_modelmeta().custom_metadata_map, path)
         self.config = ViTConfig(**values["config"])
         self.class_names = values["class_names"]
         self.image_mean, self.image_std = tuple(values["image_mean"]), tuple(values["image_std"])
+        # An int8 export's {'format', 'calibration_images', ...}; None for fp32.
+        self.quantization: dict | None = values.get("quantization")
+        self.data_split = None  # an export does not record which images its run held out
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.session.run(["logits"], {"images": images.numpy()})[0])
