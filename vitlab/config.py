@@ -30,6 +30,7 @@ CIFAR_NAMES = ("cifar10", "cifar100")
 SOURCES_HELP = "cifar10, cifar100, fake[:N], folder:PATH or shards:DIR_OR_URL"
 AUGMENTATIONS = ("crop-flip", "tutorial", "none")  # data.augment (vitlab.data.augment)
 TTA_NAMES = ("none", "flip", "flip-shift")  # trainer.val_tta, eval --tta (vitlab.evaluation.TTA_VIEWS)
+LOGGER_NAMES = ("tensorboard", "csv", "mlflow", "wandb")  # trainer.loggers (vitlab.training.tracking)
 
 
 @dataclass
@@ -124,6 +125,14 @@ class TrainerConfig:
     num_nodes: int = 1  # machines, each running `devices` processes
     strategy: str = "auto"  # Lightning's strategy; auto = DDP when there is more than one process (gloo on
     # CPU, NCCL on CUDA)
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])  # Lightning's loggers that track the
+    # run (metrics.csv is written anyway): any of tensorboard (RUN_DIR/tensorboard), csv (RUN_DIR/csv), mlflow
+    # (RUN_DIR/mlflow), wandb (RUN_DIR/wandb, offline unless WANDB_MODE or WANDB_API_KEY is set); e.g.
+    # trainer.loggers=[tensorboard,mlflow]; mlflow and wandb need the extras vitlab[mlflow], vitlab[wandb]
+    experiment: str = "vitlab"  # the MLflow experiment and the W&B project of the run (named as its directory)
+    mlflow_uri: str | None = None  # the MLflow tracking URI (a server or a database); None = the SQLite store
+    # RUN_DIR/mlflow/mlflow.db, artifacts beside it (MLFLOW_TRACKING_URI is not read: config.yaml records
+    # where the run went)
 
     def __post_init__(self):
         if self.max_time is not None:
@@ -141,6 +150,12 @@ class TrainerConfig:
             raise VitlabError(f"trainer.devices must be a number of processes (1 or more) or auto, not {self.devices!r}")
         if self.num_nodes < 1:
             raise VitlabError(f"trainer.num_nodes must be 1 or more, not {self.num_nodes}")
+        for name in self.loggers:
+            if name not in LOGGER_NAMES:
+                raise VitlabError(f"trainer.loggers: unknown logger '{name}' (choices: {', '.join(LOGGER_NAMES)})")
+        if not self.loggers or len(set(self.loggers)) < len(self.loggers):
+            raise VitlabError(f"trainer.loggers must name one or more of {', '.join(LOGGER_NAMES)}, each once, "
+                              f"not {self.loggers}")
 
 
 def parse_duration(text: str, what: str = "max_time") -> timedelta:
@@ -222,7 +237,12 @@ def coerce(value, hint, key: str):
                 pass
         if t is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    names = " or ".join("null" if t is type(None) else t.__name__ for t in options)
+        if typing.get_origin(t) is list:  # a YAML list, or one value, or values separated by commas
+            items = value.split(",") if isinstance(value, str) else value
+            if isinstance(items, (list, tuple)):
+                (item_type,) = typing.get_args(t)
+                return [coerce(item.strip() if isinstance(item, str) else item, item_type, key) for item in items]
+    names = " or ".join("null" if t is type(None) else str(t) if typing.get_origin(t) else t.__name__ for t in options)
     raise VitlabError(f"config key {key} must be {names}, not {value!r}")
 
 

@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import inspect
 import io
+import re
 import textwrap
 import tokenize
 import typing
@@ -66,6 +67,9 @@ def field_docs(cls) -> list[FieldDoc]:
                 meaning.append(comment[line])
                 line += 1
         default = ast.get_source_segment(source, node.value) if node.value is not None else "(required)"
+        factory = re.fullmatch(r"field\(default_factory=lambda: (.*)\)", default)
+        if factory:  # a mutable default, made fresh for each config: shown as the value it makes
+            default = factory.group(1)
         docs.append(FieldDoc(f.name, ast.get_source_segment(source, node.annotation), default, " ".join(meaning)))
     return docs
 

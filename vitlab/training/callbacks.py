@@ -2,7 +2,7 @@
 
 - `RunClock` is the run's clock and time limit (trainer.max_time), and carries stop requests
   (`StopRequests`: SIGTERM, SIGINT, SLURM's SIGUSR1); with several processes it is where they agree.
-- `MetricsCSV` appends one row per epoch to RUN_DIR/metrics.csv.
+- `MetricsCSV` appends one row per epoch to RUN_DIR/metrics.csv, and sends it to the run's loggers.
 - `LastCheckpoint` keeps RUN_DIR/checkpoints/last.ckpt current: every `trainer.checkpoint_every`
   of training time, when training ends, and on a stop request. `BestCheckpoint` keeps best.ckpt,
   the best validation accuracy so far.
@@ -39,7 +39,8 @@ class MetricsCSV(L.Callback):
 
     An epoch that was not validated gets empty val_* columns, except the run's final epoch: when a
     time limit cuts it short, its row waits for the final validation that `train` runs, so the last
-    row always scores the final weights (those in last.ckpt).
+    row always scores the final weights (those in last.ckpt). Each row written also goes to the
+    Trainer's loggers (trainer.loggers) at the row's step: `epoch` and `epoch/<column>`.
     """
 
     def __init__(self, path: Path):
@@ -49,6 +50,7 @@ class MetricsCSV(L.Callback):
         self.validated_step = -1
         self.writes = True
         self.pending: dict | None = None  # the final epoch's row, until its validation
+        self.loggers: list = []  # the Trainer's loggers, which get each row too
         self.written_step = max((int(r["step"]) for r in read_metric_rows(path.parent)), default=-1)
 
     def elapsed(self) -> float:
@@ -89,20 +91,26 @@ class MetricsCSV(L.Callback):
 
     def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str):
         self.writes = trainer.is_global_zero  # one writer, whatever the number of processes
+        self.loggers = trainer.loggers
 
     def write(self, row: dict):
         if row["step"] <= self.written_step or not self.writes:
             return
         new = not self.path.exists()
+        row = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in row.items()}
         try:
             with open(self.path, "a", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
                 if new:
                     writer.writeheader()
-                writer.writerow({k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in row.items()})
+                writer.writerow(row)
         except OSError as e:
             raise VitlabError(f"cannot write metrics {self.path}: {e.strerror or e} ({free_space(self.path)})") from None
         self.written_step = row["step"]
+        values = {k if k == "epoch" else f"epoch/{k}": float(v)
+                  for k, v in row.items() if k != "step" and v is not None}
+        for logger in self.loggers:
+            logger.log_metrics(values, step=row["step"])
 
 
 class Interrupted(VitlabError):

@@ -5,7 +5,8 @@
                                         --resume continues from it
     RUN_DIR/checkpoints/best.ckpt       best validation accuracy so far (final weights included)
     RUN_DIR/metrics.csv                 one row per epoch
-    RUN_DIR/tensorboard/                TensorBoard events
+    RUN_DIR/tensorboard/                TensorBoard events; the other loggers of trainer.loggers write
+                                        theirs beside it (vitlab.training.tracking)
 
 `train` prepares the run directory, the data and the model, then `build_callbacks` and
 `build_trainer` make the Lightning Trainer that fits them.
@@ -25,7 +26,6 @@ import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, LearningRateMonitor
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from vitlab import config as configs
 from vitlab.config import RunConfig
@@ -37,6 +37,7 @@ from vitlab.training.callbacks import (BestCheckpoint, DivergenceGuard, LastChec
                                        StopRequests)
 from vitlab.training.module import Classifier
 from vitlab.training.processes import launched_as_rank_zero, lost_process, watched, without_lightning_signals
+from vitlab.training.tracking import build_loggers, check_installed, log_run_end
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -123,6 +124,7 @@ def quiet_lightning():
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime": on a CPU, none is
+    logging.getLogger("lightning.pytorch.loggers.mlflow").setLevel(logging.ERROR)  # "Experiment ... Creating it."
     for message in (".*isinstance\\(treespec, LeafSpec\\).*",  # inside Lightning's own code
                     ".*does not have many workers.*",  # in-memory data needs no loader workers
                     ".*smaller than the logging interval.*",  # logs are every 50 steps on purpose (GPU reads)
@@ -133,7 +135,7 @@ def quiet_lightning():
     logging.getLogger("litdata.streaming.dataset").addFilter(lambda record: "drop_last" not in record.getMessage())
 
 
-def build_trainer(config: RunConfig, run_dir: Path, callbacks: list[L.Callback]) -> L.Trainer:
+def build_trainer(config: RunConfig, run_dir: Path, callbacks: list[L.Callback], resume: bool = False) -> L.Trainer:
     t = config.trainer
     precision = default_precision(t.accelerator) if t.precision == "auto" else t.precision
     if "bf16" in precision and (t.accelerator == "cpu" or not torch.cuda.is_available()):
@@ -153,7 +155,7 @@ def build_trainer(config: RunConfig, run_dir: Path, callbacks: list[L.Callback])
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
         enable_checkpointing=False,  # vitlab's own LastCheckpoint and BestCheckpoint write the checkpoints
-        logger=TensorBoardLogger(save_dir=run_dir, name="", version="tensorboard"),
+        logger=build_loggers(config, run_dir, resume),
         log_every_n_steps=50,  # each log reads values back from the GPU: not every step
         num_sanity_val_steps=0,
         check_val_every_n_epoch=t.val_every_n_epochs,
@@ -166,6 +168,7 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
     length); returns the path of its last checkpoint."""
     if config.trainer.max_epochs is None and config.trainer.max_time is None:
         raise VitlabError("training needs a limit: set --max-epochs or --max-time")
+    check_installed(config)  # a missing extra is an error before the run directory is touched
     # With several processes, the first one of the launch checks and writes the run directory; the
     # others (started by Lightning, torchrun or SLURM with the same command) only read it.
     writer = launched_as_rank_zero()
@@ -201,7 +204,7 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
 
     quiet_lightning()
     stops = StopRequests()
-    trainer = build_trainer(config, run_dir, build_callbacks(config, run_dir, resume, stops))
+    trainer = build_trainer(config, run_dir, build_callbacks(config, run_dir, resume, stops), resume)
     parent = os.getppid()
     with stops, watched(trainer) as watch:
         try:
@@ -211,4 +214,5 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
     metrics = next(c for c in trainer.callbacks if isinstance(c, MetricsCSV))
     if metrics.pending is not None:  # the final weights are not validated yet
         trainer.validate(module, datamodule=datamodule, verbose=False)
+    log_run_end(trainer, run_dir)  # MLflow and W&B: the final accuracy, config.yaml, the learning curves
     return last
