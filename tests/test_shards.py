@@ -150,6 +150,24 @@ def test_the_held_out_split_is_fixed_by_its_seed_and_disjoint_from_training(pack
         split_indices(3, 0.1, 0)
 
 
+def test_streamed_validation_under_several_processes_needs_a_batch_for_each(packed):
+    """LitData gives each process whole batches of the held-out items and the last one the rest; a
+    process with no batch would skip validation while the others wait for it: refused in one line."""
+    from types import SimpleNamespace
+
+    from vitlab.data.datamodule import ImageDataModule
+
+    _, out, _ = packed
+    data = ImageDataModule(DataConfig(source=f"shards:{out}", val_fraction=0.25, batch_size=4), 32)
+    data.setup("fit")  # 9 held-out items
+    data.trainer = SimpleNamespace(global_rank=0, world_size=2, strategy=None)
+    assert len(data.val_dataloader()) >= 1  # 2 batches of 4, and the rest: enough for two processes
+    data.trainer.world_size = 3
+    with pytest.raises(VitlabError, match=r"^the 9 held-out images of shards:.* do not fill one batch of 4 on "
+                                          r"each of 3 processes: lower data.batch_size or raise data.val_fraction$"):
+        data.val_dataloader()
+
+
 @pytest.mark.parametrize("workers_before, workers_after", [(0, 0), (2, 2), (2, 1)])
 def test_a_loader_stopped_mid_epoch_resumes_with_the_images_it_had_not_given(packed, workers_before, workers_after):
     _, out, manifest = packed

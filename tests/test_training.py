@@ -335,6 +335,8 @@ class TwoProcesses:
         self.rank, self.other = rank, other
 
     def reduce(self, tensor, group=None, reduce_op="mean"):  # in place, as DDP's all-reduce
+        if reduce_op.lower() == "max":
+            return torch.maximum(tensor, self.other, out=tensor)
         if reduce_op.lower() not in ("sum", "mean", "avg"):
             raise ValueError(f"unsupported reduce_op {reduce_op}")
         tensor += self.other
@@ -394,13 +396,19 @@ def test_checkpoint_gathers_the_random_state_of_every_process(monkeypatch):
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_processes_agree_on_the_first_process_clock_and_stop_request_at_log_steps_and_epoch_ends():
+def test_processes_agree_on_the_first_process_clock_and_any_stop_request_at_log_steps_and_epoch_ends():
     stops = StopRequests()
     clock = RunClock(100.0, stops)
     clock.time_elapsed = lambda stage="train": 20.0  # this process's own clock
+    # What the other process brings to the all-reduce: process 0 its time (60 s), no stop request;
+    # process 1 no time (-1) and a SIGTERM it alone received.
+    others = {0: torch.tensor([-1.0, signal.SIGTERM], dtype=torch.float64),
+              1: torch.tensor([60.0, 0.0], dtype=torch.float64)}
+    agreed = {0: (20.0, signal.SIGTERM), 1: (60.0, None)}  # process 0's time; the stop request either heard
     for rank in (0, 1):
         trainer = SimpleNamespace(world_size=2, global_rank=rank, log_every_n_steps=50, should_stop=False,
-                                  strategy=TwoProcesses(rank, (60.0, signal.SIGTERM)))
+                                  strategy=TwoProcesses(rank, others[rank]))
+        trainer.strategy.root_device = torch.device("cpu")
         clock.agreed_step, clock.agreed_elapsed, clock.stop = -1, 0.0, None
         for step in (2, 49, 51):  # no agreement: the process keeps what was last agreed
             trainer.global_step = step
@@ -410,12 +418,11 @@ def test_processes_agree_on_the_first_process_clock_and_stop_request_at_log_step
                            (63, clock.on_train_epoch_end)):
             trainer.global_step = step
             hook(trainer)
-            # Rank 0's own time and (no) stop request; the other process takes rank 0's.
-            assert (clock.agreed_step, clock.agreed_elapsed, clock.stop) == (
-                (step, 20.0, None) if rank == 0 else (step, 60.0, signal.SIGTERM))
+            assert (clock.agreed_step, clock.agreed_elapsed, clock.stop) == (step, *agreed[rank])
         assert trainer.should_stop is False
     # Past the time limit: every process stops at the same step.
-    trainer.strategy = TwoProcesses(1, (100.5, None))
+    trainer.strategy = TwoProcesses(1, torch.tensor([100.5, 0.0], dtype=torch.float64))
+    trainer.strategy.root_device = torch.device("cpu")
     clock.on_train_epoch_end(trainer)
     assert trainer.should_stop is True
     # One process agrees with itself after every step.
@@ -423,6 +430,22 @@ def test_processes_agree_on_the_first_process_clock_and_stop_request_at_log_step
     stops.signum = signal.SIGUSR1
     clock.on_train_batch_end(single)
     assert (clock.agreed_step, clock.agreed_elapsed, clock.stop) == (7, 20.0, signal.SIGUSR1)
+    # Its time is saved where Lightning's Timer saved it: checkpoints from before the clock resume with it.
+    assert clock.state_key == "Timer"
+
+
+def test_the_clock_agrees_when_training_starts_after_a_resume_restored_its_step_and_time():
+    """Lightning restores a resumed run's step after on_fit_start: the clock agrees at on_train_start,
+    so the first resumed step's LR reads the run's own time, not zero."""
+    for saved, stops in ((40.0, False), (100.0, True)):
+        clock = RunClock(100.0, StopRequests())
+        clock.load_state_dict({"time_elapsed": {"train": saved}})
+        trainer = SimpleNamespace(world_size=1, global_rank=0, global_step=500, should_stop=False)
+        clock.on_fit_start(trainer, None)
+        assert clock.agreed_step == -1  # nothing agreed before the step is restored
+        clock.on_train_start(trainer, None)
+        assert clock.agreed_step == 500 and clock.agreed_elapsed == pytest.approx(saved, abs=0.5)
+        assert trainer.should_stop is stops  # a run whose time is spent stops at once
 
 
 def test_optimiser_is_adamw_with_the_decay_rule_and_a_per_step_schedule():

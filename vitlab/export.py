@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -100,8 +101,12 @@ def calibration_images(model: ViT, data: DataConfig, count: int = CALIBRATION_IM
 
     if count < 1:
         raise VitlabError(f"--calibrate-images must be at least 1, not {count}")
-    recorded = getattr(model, "data_split", None)
-    if recorded and same_source(recorded["source"], data.source):
+    recorded = model.data_split
+    if recorded is None:
+        print(f"note: {model.loaded_from} does not record which images its run held out: calibrating on the "
+              f"training part of {data.source} as --val-fraction {data.val_fraction} and split seed "
+              f"{data.split_seed} leave it", file=sys.stderr)
+    elif same_source(recorded["source"], data.source):
         data = replace(data, **{k: recorded[k] for k in ("val_fraction", "split_seed", "skip_bad_images")})
     source = open_source(data, model.config.image_size)
     train = source.train_val()[0]  # an ImageSet, or for a pack the indices of its training items
@@ -151,7 +156,6 @@ def export_onnx_int8(model: ViT, out: Path, images: torch.Tensor, recipe: Int8Re
     activation ranges calibrated on `images`, uint8 training images (calibration_images). The batch
     axis stays dynamic; the metadata is the fp32 export's plus `vitlab.quantization`."""
     import contextlib
-    import sys
     import tempfile
 
     import onnx

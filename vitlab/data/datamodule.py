@@ -143,6 +143,13 @@ class ImageDataModule(L.LightningDataModule):
         ranks and workers by LitData, resumable mid-epoch."""
         from vitlab.data import shards
 
+        world, batch = self.shard()["world"], self.config.batch_size
+        if not train and world > 1 and len(indices) // batch < world:
+            # LitData gives each process whole batches and the last one the rest: a process with none
+            # would skip validation while the others wait for it in the metrics' reduction.
+            raise VitlabError(f"the {len(indices)} held-out images of {self.config.source} do not fill one batch "
+                              f"of {batch} on each of {world} processes: lower data.batch_size or raise "
+                              f"data.val_fraction")
         dataset = shards.shard_dataset(self.source.location, self.image_size, indices, shuffle=train, seed=self.seed,
                                        drop_last=None if train else False,
                                        cache_dir=self.source.cache_dir, max_cache_size=self.config.shard_cache_size)

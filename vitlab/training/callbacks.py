@@ -178,13 +178,13 @@ class RunClock(Timer):
     survives resumes) and what the LR schedule and LastCheckpoint read from it, with stop requests.
 
     Processes must decide together: one that saves or stops alone leaves the others waiting in a
-    collective for ever, and a signal sent to the launching process reaches rank 0 alone. They
-    agree by one broadcast of rank 0's (training time, stop request), but not at every step (a
-    broadcast makes the host wait for the device): after the first step (when compiling ends),
-    every trainer.log_every_n_steps steps (when Lightning reads its logs from the device anyway) and
-    at each epoch's end. So under DDP the time limit, the time-fitted LR and the checkpoint timer lag
-    by at most that interval, and a stop request waits for the next agreement. One process agrees
-    with itself after every step."""
+    collective for ever, and a signal may reach only some of them (the launching process alone, or
+    the processes of one pre-empted machine). They agree by one all-reduce of (rank 0's training
+    time, the stop request any process heard), but not at every step (it makes the host wait for the
+    device): after the first step (when compiling ends), every trainer.log_every_n_steps steps (when
+    Lightning reads its logs from the device anyway) and at each epoch's end. So under DDP the time
+    limit, the time-fitted LR and the checkpoint timer lag by at most that interval, and a stop
+    request waits for the next agreement. One process agrees with itself after every step."""
 
     def __init__(self, duration_s: float | None, stops: StopRequests):
         super().__init__(duration=None if duration_s is None else timedelta(seconds=duration_s), interval="step")
@@ -194,17 +194,27 @@ class RunClock(Timer):
         self.agreed_elapsed = 0.0  # rank 0's seconds of training (across resumes)
         self.stop: int | None = None  # the signal that asked training to stop, if any
 
+    @property
+    def state_key(self) -> str:
+        return "Timer"  # where Lightning's Timer saved the time: runs checkpointed before the clock resume with it
+
     def agree(self, trainer: L.Trainer):
-        agreed = (self.time_elapsed(), self.stops.signum)
-        if trainer.world_size > 1:
-            agreed = trainer.strategy.broadcast(agreed, src=0)
-        self.agreed_elapsed, self.stop = agreed
+        elapsed, stop = self.time_elapsed(), self.stops.signum or 0
+        if trainer.world_size > 1:  # the maximum of each: rank 0's time (the others give -1), any stop request
+            mine = torch.tensor([elapsed if trainer.global_rank == 0 else -1.0, stop], dtype=torch.float64,
+                                device=trainer.strategy.root_device)
+            elapsed, stop = trainer.strategy.reduce(mine, reduce_op="max").tolist()
+        self.agreed_elapsed, self.stop = elapsed, int(stop) or None
         self.agreed_step = trainer.global_step
         if self.duration_s is not None and self.agreed_elapsed >= self.duration_s:
             trainer.should_stop = True
 
     def on_fit_start(self, trainer, *args, **kwargs):
-        self.agree(trainer)  # a resumed run whose time is spent stops at once
+        pass  # not the Timer's check: a resumed run's step is restored later, by on_train_start
+
+    def on_train_start(self, trainer, *args, **kwargs):
+        super().on_train_start(trainer, *args, **kwargs)
+        self.agree(trainer)  # a resumed run: its step and time; if its time is spent, it stops at once
 
     def on_train_batch_end(self, trainer, *args, **kwargs):
         step = trainer.global_step
@@ -231,8 +241,8 @@ class LastCheckpoint(L.Callback):
         trainer.save_checkpoint(self.path, weights_only=False)  # the whole training state, to resume from
         self.saved_at = self.clock.agreed_elapsed
 
-    def on_fit_start(self, trainer, module):
-        self.saved_at = self.clock.agreed_elapsed
+    def on_train_start(self, trainer, module):
+        self.saved_at = self.clock.agreed_elapsed  # the clock (before this callback) has agreed
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if self.clock.agreed_step != trainer.global_step or batch_idx + 1 >= trainer.num_training_batches:
