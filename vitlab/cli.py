@@ -280,12 +280,6 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "info"
             "pack": cmd_pack}
 
 
-def launched_first() -> bool:
-    from vitlab.training.processes import launched_as_rank_zero
-
-    return launched_as_rank_zero()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -298,8 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except VitlabError as e:
-        if not e.rank_zero_tells or launched_first():
-            print(f"vitlab {args.command}: error: {e}", file=sys.stderr)
+        if e.rank_zero_tells:  # every training process raised it: the first of the launch says it
+            from vitlab.training.processes import launched_as_rank_zero
+
+            if not launched_as_rank_zero():
+                return e.exit_code
+        print(f"vitlab {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"vitlab {args.command}: interrupted", file=sys.stderr)
