@@ -131,7 +131,8 @@ def main(argv=None):
     threads = torch.get_num_threads()
     model = load_model(args.checkpoint)
     data = held_out_data(model, args.data)
-    held_out = load_eval_set(data, model.config.image_size, model.class_names, held_out=True)
+    held_out = load_eval_set(data, model.config.image_size, model.class_names, held_out=True,
+                             channels=model.config.in_channels)
     count = min(args.held_out or len(held_out), len(held_out))
     images = normalize(held_out.images[:count], model.image_mean, model.image_std)
     labels = held_out.labels[:count]

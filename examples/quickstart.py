@@ -33,7 +33,8 @@ plots.plot_learning_curves(run.run_dir, run.run_dir / "curves.png")
 
 # %% Evaluate the final weights on the held-out images (what `vitlab eval --held-out` does).
 model = vitlab.load_model(run.last_checkpoint)
-held_out = load_eval_set(run.config.data, model.config.image_size, model.class_names, held_out=True)
+held_out = load_eval_set(run.config.data, model.config.image_size, model.class_names, held_out=True,
+                         channels=model.config.in_channels)
 result, _ = evaluate(model, held_out)
 print(f"eval on {result['n']} held-out images: accuracy {result['accuracy']:.1%}")
 for name, accuracy in result["per_class"].items():

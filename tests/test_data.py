@@ -248,9 +248,10 @@ def test_datamodule_yields_uint8_batches_then_normalises_after_transfer(tmp_path
     assert out.dtype == torch.float32
     pixels = (out * std + mean) * 255
     assert (pixels - pixels.round()).abs().max() < 1e-3  # whole pixel values: moved, not interpolated
-    found = identify_crop_flip(pixels.round(), images, pad=config.crop_padding)
+    pad = 4  # data.crop_padding unset: an eighth of the 32-pixel side
+    found = identify_crop_flip(pixels.round(), images, pad=pad)
     assert any(f != (False, 0, 0) for f in found)
-    crop_flips = crop_flip_candidates(images, config.crop_padding)
+    crop_flips = crop_flip_candidates(images, pad)
     expected = torch.stack([crop_flips[f][i] for i, f in enumerate(found)])
     torch.testing.assert_close(out, normalised(expected))
 
@@ -270,8 +271,11 @@ def test_training_batches_go_through_every_augmentation_asked_for_in_order(tmp_p
             return fn(*args)
         return run
 
-    for name in ("tutorial_geometry", "auto_augment_cifar10", "rand_augment", "mix"):
-        monkeypatch.setattr(datamodule, name, recorded(name, getattr(datamodule, name)))
+    from vitlab.data import augment
+
+    for name in ("tutorial_geometry", "auto_augment_cifar10", "rand_augment"):
+        monkeypatch.setattr(augment, name, recorded(name, getattr(augment, name)))
+    monkeypatch.setattr(datamodule, "mix", recorded("mix", datamodule.mix))
     images, labels = next(iter(dm.train_dataloader()))
     dm.trainer = SimpleNamespace(training=True)
     out, targets = dm.on_after_batch_transfer((images, labels), 0)

@@ -323,7 +323,7 @@ class ColourModel:
     """Stands in for a trained model: the logits of an image are its mean red, green and blue."""
     class_names = list(CLASS_COLOURS)  # red, green, blue
     image_mean, image_std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-    config = SimpleNamespace(image_size=8)
+    config = SimpleNamespace(image_size=8, in_channels=3)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return images.mean((2, 3)) * 10  # (B, 3, H, W) -> (B, 3)

@@ -190,26 +190,29 @@ def test_bad_inputs_of_inspection_and_export(run, tmp_path, capsys):
     assert not (tmp_path / "m.tflite").exists()
 
 
-def test_tta_averages_logits_of_mirrored_and_translated_views():
+@pytest.mark.parametrize("size, shift", [(8, 1), (32, 2), (64, 4)])
+def test_tta_averages_logits_of_mirrored_and_translated_views(size, shift):
     torch.manual_seed(0)
     # The conv tokenizer has BatchNorm: in eval mode it is per image, so all views can share a batch.
-    model = ViT(ViTConfig(image_size=8, patch_size=4, dim=16, depth=1, heads=2, num_classes=3, tokenizer="conv",
+    model = ViT(ViTConfig(image_size=size, patch_size=4, dim=16, depth=1, heads=2, num_classes=3, tokenizer="conv",
                           conv_channels=8)).eval()
     torch.nn.init.normal_(model.head.weight)  # the head starts at zero: give the logits something to show
     model.image_mean, model.image_std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     batch_sizes = []
     model.register_forward_hook(lambda module, args, output: batch_sizes.append(len(args[0])))
-    images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    images = torch.randint(0, 256, (5, 3, size, size), dtype=torch.uint8)
     plain, mirrored = predict_logits(model, images), predict_logits(model, images.flip(3))
     assert torch.allclose(predict_logits(model, images, batch_size=2, tta="flip"), (plain + mirrored) / 2, atol=1e-6)
     assert not torch.allclose(plain, mirrored)
-    # flip-shift adds both, moved 2 pixels down-right and up-left, the border mirrored in (reflect padding).
+    # flip-shift adds both, moved down-right and up-left by a sixteenth of the side (at least a pixel),
+    # the border mirrored in (reflect padding).
+    s = shift
     views = []
     for view in (images, images.flip(3)):
-        padded = torch.nn.functional.pad(view.float(), (2, 2, 2, 2), mode="reflect")
-        views += [view.float(), padded[..., :8, :8], padded[..., 4:, 4:]]  # as is, down-right, up-left
-    assert torch.equal(views[1][..., 2:, 2:], images[..., :6, :6].float())
-    assert torch.equal(views[1][..., 0, 2:], images[..., 2, :6].float())  # row -2 mirrors row 2
+        padded = torch.nn.functional.pad(view.float(), (s, s, s, s), mode="reflect")
+        views += [view.float(), padded[..., :size, :size], padded[..., 2 * s:, 2 * s:]]  # as is, down-right, up-left
+    assert torch.equal(views[1][..., s:, s:], images[..., :-s, :-s].float())
+    assert torch.equal(views[1][..., 0, s:], images[..., s, :-s].float())  # row -s mirrors row s
     expected = sum(predict_logits(model, v.to(torch.uint8)) for v in views) / 6  # one pass per view
     batch_sizes.clear()
     torch.testing.assert_close(predict_logits(model, images, tta="flip-shift"), expected, atol=1e-5, rtol=1e-5)

@@ -55,6 +55,11 @@ def test_crop_padding_at_or_above_the_image_size_is_an_error(padding, size):
                                "model.patch_size": 4})  # no crop: the padding is unused
 
 
+def test_crop_padding_is_an_eighth_of_the_side_unless_set():
+    assert [configs.crop_padding(configs.DataConfig(), size) for size in (32, 64, 128)] == [4, 8, 16]
+    assert configs.crop_padding(configs.DataConfig(crop_padding=3), 128) == 3
+
+
 def test_info_of_a_preset_imports_no_lightning():
     code = ("import sys; from vitlab.cli import main; main(['info', '--preset', 'cpu-hour']); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'litdata')))")
@@ -78,6 +83,7 @@ def test_a_run_prints_vitlabs_lines_and_nothing_of_lightnings(tmp_path):
     assert done.stdout.strip().splitlines()[-1].startswith("run written to")
 
 
-def test_a_model_of_other_than_three_channels_is_refused_in_one_line():
-    with pytest.raises(VitlabError, match="model.in_channels is 1, but vitlab reads every image as RGB"):
-        configs.resolve(overrides={"model.in_channels": 1})
+def test_a_model_of_other_than_one_or_three_channels_is_refused_in_one_line():
+    with pytest.raises(VitlabError, match="model.in_channels must be 3 \\(colour\\) or 1 \\(grey.*not 4"):
+        configs.resolve(overrides={"model.in_channels": 4})
+    assert configs.resolve(overrides={"model.in_channels": 1}).model.in_channels == 1

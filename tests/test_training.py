@@ -49,11 +49,12 @@ def test_tutorial_presets_build_the_tutorial_model_optimiser_trainer_and_data(tm
     them: the model's shape and dropout, AdamW and its schedule, the Trainer's length, precision and
     early stopping, the loader's batches and the augmentation."""
     from lightning.pytorch.callbacks import EarlyStopping
+    from vitlab.data import augment as augments
     from vitlab.data import datamodule as datamodules
     from vitlab.training.callbacks import StopRequests
     from vitlab.training.run import build_callbacks, build_trainer
 
-    built, auto_augment = {}, datamodules.auto_augment_cifar10
+    built, auto_augment = {}, augments.auto_augment_cifar10
     for name in ("tutorial-gpu", "tutorial-cpu"):
         c = configs.resolve(name, overrides={"data.source": "fake:600"})
         classifier = Classifier(**Classifier.hparams_for(dataclasses.replace(c.model, num_classes=10), c.optim,
@@ -66,7 +67,7 @@ def test_tutorial_presets_build_the_tutorial_model_optimiser_trainer_and_data(tm
         data = datamodules.ImageDataModule(c.data, c.model.image_size, seed=c.trainer.seed)
         data.setup("fit")
         augmented = []  # the sizes of the batches data.autoaugment augmented
-        monkeypatch.setattr(datamodules, "auto_augment_cifar10",
+        monkeypatch.setattr(augments, "auto_augment_cifar10",
                             lambda x, augmented=augmented: augmented.append(len(x)) or auto_augment(x))
         data.augment(data.train.images[:4])
         built[name] = {

@@ -3,6 +3,7 @@
     from vitlab import train
     run = train(preset="cpu-hour", data="folder:DIR", max_time="00:10:00", overrides={"optim.lr": 1e-3})
     run.accuracy, run.best_checkpoint, run.metrics
+    run = train(data="folder:DIR", max_time="00:20:00")  # planned from the data and this machine: run.plan
 
 Errors are `VitlabError`s with the CLI's one-line messages.
 """
@@ -47,6 +48,13 @@ class Run:
         rows = self.metrics
         return float(rows[-1]["val_acc"]) if rows and rows[-1]["val_acc"] else None
 
+    @property
+    def plan(self) -> dict | None:
+        """A planned run's plan (plan.yaml: the data's summary, the measured speeds, the choices and
+        why); None for a run from a preset or config."""
+        path = self.run_dir / "plan.yaml"
+        return configs.read_yaml(path, "plan") if path.is_file() else None
+
 
 def train(preset: str | None = None, data: str | None = None, *, config: str | Path | None = None,
           max_epochs: int | None = None, max_time: str | None = None, run_dir: str | Path | None = None,
@@ -54,7 +62,8 @@ def train(preset: str | None = None, data: str | None = None, *, config: str | P
     """Train a ViT, or resume the run in `run_dir` (give the same arguments as when it started, or
     none: only max_epochs and max_time may change; a run that has not begun yet is started).
     The config is resolved as: defaults -> preset -> config file -> data / max_epochs / max_time /
-    seed -> overrides ({"section.key": value})."""
+    seed -> overrides ({"section.key": value}). With preset "auto", or with no preset, config file
+    or overrides, the run is planned (vitlab.planning): the plan's settings take the preset's place."""
     from vitlab.training.run import train as train_run
 
     flags = {"data": {"source": data},
@@ -68,10 +77,37 @@ def train(preset: str | None = None, data: str | None = None, *, config: str | P
         # --resume expects the run to start.
         print(f"{run_dir} holds no run yet: starting it", file=sys.stderr)
         resume, saved = False, None
-    if saved is not None:
-        run_config = configs.resolve_resume(configs.load(saved), preset, config, flags, overrides)
+    planned = preset == "auto" or (preset is None and config is None and not overrides)
+    plan = None
+    if saved is not None:  # a planned run's config.yaml holds its plan's settings: never planned again
+        run_config = configs.resolve_resume(configs.load(saved), None if planned else preset, config, flags,
+                                            overrides)
+    elif planned:
+        plan = plan_run(config, flags, overrides)
+        base = configs.apply(RunConfig(), plan.settings, "the plan")
+        run_config = configs.resolve(None, config, flags, overrides, base=base)
     else:
         run_config = configs.resolve(preset, config, flags, overrides)
-    run_dir = Path(run_dir) if run_dir else Path("runs") / f"{preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    train_run(run_config, run_dir, resume=resume)
+    name = "auto" if planned else preset or "run"
+    run_dir = Path(run_dir) if run_dir else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    train_run(run_config, run_dir, resume=resume, plan=plan.record() if plan else None)
     return Run(run_dir, run_config)
+
+
+def plan_run(config, flags: dict, overrides: dict | None):
+    """The plan of a new run (printed by the launching process): on the data, budget and accelerator
+    the command gives."""
+    from vitlab.planning.plan import announce, make_plan
+    from vitlab.training.processes import launched_as_rank_zero
+
+    # No epoch limit unless one is given: a time budget alone is the plan's only limit.
+    given = configs.resolve(None, config, flags, overrides, base=RunConfig(trainer=configs.TrainerConfig(max_epochs=None)))
+    t = given.trainer
+    if t.devices != 1 or t.num_nodes != 1:
+        # Each process would measure its own speeds and could plan another model.
+        raise VitlabError("a planned run trains in one process: see the plan with `vitlab info --preset auto "
+                          "--data ... --max-time ...` and train it with its settings on several")
+    plan = make_plan(given.data, t.max_time, t.max_epochs, t.accelerator)
+    if launched_as_rank_zero():
+        announce(plan)
+    return plan

@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a ViT (or resume a run)")
-    p.add_argument("--preset", help="a named config: smoke, tutorial-cpu, tutorial-gpu, ...")
+    p.add_argument("--preset", help="a named config: cpu-hour, gpu-5min, smoke, ...; or auto: planned from the "
+                                    "data, this machine and the budget (the default without --config or key=value)")
     p.add_argument("--config", type=Path, help="a YAML file with sections model/data/optim/trainer")
     p.add_argument("--data", help="cifar10, cifar100, fake[:N] or folder:PATH")
     p.add_argument("--max-epochs", type=int)
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write confusion matrix, per-class accuracy and worst-error figures and report.json")
     p.add_argument("--tta", default="none", metavar="none|flip|flip-shift",
                    help="test-time augmentation: average the logits of each image and its mirror image (flip), "
-                        "and of both translated 2 pixels up-left and down-right (flip-shift)")
+                        "and of both translated up-left and down-right by a sixteenth of the side, 2 px at 32 (flip-shift)")
     add_data_options(p)
 
     p = sub.add_parser("predict", help="top-k classes of images")
@@ -107,10 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--share", default="none", choices=["none", "gradio"],
                    help="gradio: also open a public gradio.live link (needs the internet)")
 
-    p = sub.add_parser("info", help="parameters and FLOPs per image of a preset or checkpoint")
+    p = sub.add_parser("info", help="parameters and FLOPs per image of a preset or checkpoint; the plan of a run")
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--preset")
+    group.add_argument("--preset", help="a named config, or auto: the plan of `vitlab train --preset auto` with "
+                                        "--data and --max-time or --max-epochs (it measures this machine's speed)")
     group.add_argument("--checkpoint", type=Path)
+    p.add_argument("--data", help="with --preset auto: the data to plan for")
+    p.add_argument("--max-time", help="with --preset auto: the time budget, HH:MM:SS")
+    p.add_argument("--max-epochs", type=int, help="with --preset auto: the epoch budget")
+    p.add_argument("--val-fraction", type=float, help="with --preset auto: the held-out fraction")
     return parser
 
 
@@ -130,7 +136,10 @@ def cmd_train(args):
     overrides.update({f"trainer.{k}": v for k in ("accelerator", "devices", "num_nodes")
                       if (v := getattr(args, k)) is not None})
     overrides.update(configs.parse_override(text) for text in args.overrides)
-    run = train(args.preset, args.data, config=args.config, max_epochs=args.max_epochs, max_time=args.max_time,
+    # Nothing chosen (no preset, config file or key=value; flags such as --val-fraction are no choice
+    # of recipe): the run is planned, as --preset auto.
+    preset = args.preset or ("auto" if args.config is None and not args.overrides else None)
+    run = train(preset, args.data, config=args.config, max_epochs=args.max_epochs, max_time=args.max_time,
                 run_dir=args.run_dir, seed=args.seed, resume=args.resume, overrides=overrides)
     tta = f" with {run.config.trainer.val_tta} TTA" if run.config.trainer.val_tta != "none" else ""
     accuracy = f", held-out accuracy{tta} {100 * run.accuracy:.2f}%" if run.accuracy is not None else ""
@@ -150,7 +159,8 @@ def cmd_eval(args):
     data = configs.resolve(flags=data_flag_values(args)).data  # the flags are valid before they meet the record
     if args.held_out:
         data = dataclasses.replace(data, **held_out_split(args, model.data_split))
-    image_set = load_eval_set(data, model.config.image_size, model.class_names, held_out=args.held_out)
+    image_set = load_eval_set(data, model.config.image_size, model.class_names, held_out=args.held_out,
+                              channels=model.config.in_channels)
     result, logits = evaluate(model, image_set, tta=args.tta)
     if args.report:
         write_report(args.report, result, logits, image_set, model.class_names)
@@ -202,13 +212,28 @@ def cmd_predict(args):
 
 
 def cmd_info(args):
-
     from vitlab import config as configs
     from vitlab.inference import load_model
     from vitlab.model import ViT
 
+    if args.preset == "auto":
+        from vitlab.planning.plan import make_plan
+
+        if not args.data:
+            raise VitlabError("info --preset auto needs --data (and --max-time or --max-epochs): the plan is made for them")
+        data = configs.resolve(flags={"data": {"source": args.data, **({"val_fraction": args.val_fraction}
+                                                                       if args.val_fraction is not None else {})}}).data
+        print("plan:", *make_plan(data, args.max_time, args.max_epochs).lines(), sep="\n  ")
+        return
     if args.checkpoint:
         model, what = load_model(args.checkpoint), str(args.checkpoint)
+        checkpoint = Path(args.checkpoint).resolve()
+        plan = checkpoint.parent.parent / "plan.yaml"  # a planned run's checkpoints/NAME.ckpt sits beside it
+        if checkpoint.parent.name == "checkpoints" and plan.is_file():
+            try:
+                print(f"planned ({plan}):", *configs.read_yaml(plan, "plan")["plan"], sep="\n  ")
+            except (VitlabError, KeyError, TypeError) as e:  # the model is still worth describing
+                print(f"vitlab: the run's plan is unreadable: {e}", file=sys.stderr)
     else:
         c = configs.resolve(args.preset).model
         # A preset's number of classes comes from the data it trains on: counted here as 10, as CIFAR-10.

@@ -49,7 +49,7 @@ def pick_examples(folder: Path, count: int = MAX_EXAMPLES) -> list[Path]:
 
 
 def rollout_picture(image: torch.Tensor, rollout: torch.Tensor) -> np.ndarray:
-    """The image (uint8 (3, S, S)) as the model sees it, and with its rollout (h, w) laid over it,
+    """The image (uint8 (C, S, S)) as the model sees it, and with its rollout (h, w) laid over it,
     side by side, as an RGB array (H, W, 3)."""
     fig = Figure(figsize=(6.4, 3.6), dpi=100)
     canvas = FigureCanvasAgg(fig)
@@ -79,7 +79,7 @@ def check_size(path: str):
 def classify(model: ViT, path: str) -> tuple[dict[str, float], np.ndarray]:
     """The top classes of the image at path ({class: probability}) and its rollout picture."""
     check_size(path)
-    image = read_image(path, model.config.image_size)  # (3, S, S)
+    image = read_image(path, model.config.image_size, model.config.in_channels)  # (C, S, S)
     summary = attention_summary(model, normalize(image[None], model.image_mean, model.image_std))
     values, indices = summary.logits[0].softmax(-1).topk(min(TOP_K, len(model.class_names)))
     top = {model.class_names[c]: p for p, c in zip(values.tolist(), indices.tolist())}

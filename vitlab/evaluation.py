@@ -18,14 +18,21 @@ from vitlab.io import atomic_write
 from vitlab.model import ViT
 from vitlab.progress import progress
 
-# Test-time augmentation: the views whose logits are averaged, each (mirrored, rows down, columns right).
-# The views are those that crop-flip training makes as likely as the image itself.
+# Test-time augmentation: the views whose logits are averaged, each (mirrored, rows down, columns right),
+# the moves in units of tta_shift pixels. The views are those that crop-flip training makes as likely
+# as the image itself.
 TTA_VIEWS = {
     "none": [(False, 0, 0)],
     "flip": [(False, 0, 0), (True, 0, 0)],
-    # Both of those, each also moved 2 pixels up-left and down-right (reflect-padded, as the training crop).
-    "flip-shift": [(False, 0, 0), (True, 0, 0), (False, -2, -2), (False, 2, 2), (True, -2, -2), (True, 2, 2)],
+    # Both of those, each also moved up-left and down-right (reflect-padded, as the training crop).
+    "flip-shift": [(False, 0, 0), (True, 0, 0), (False, -1, -1), (False, 1, 1), (True, -1, -1), (True, 1, 1)],
 }
+
+
+def tta_shift(image_size: int) -> int:
+    """How far flip-shift moves its views, in pixels: a sixteenth of the side (2 px at 32, 8 px at
+    128), the same share of the picture at every resolution, as crop-flip's translation is."""
+    return max(1, image_size // 16)
 
 
 def tta_views(name: str) -> list[tuple[bool, int, int]]:
@@ -47,6 +54,8 @@ def tta_logits(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tens
     B, V = len(images), len(view_list)
     # Each view's (mirrored, dy, dx) once per image, view by view as images.repeat lays out the batch.
     flip, dy, dx = torch.tensor(view_list, device=images.device).repeat_interleave(B, dim=0).T  # 3 x (V*B,)
+    shift = tta_shift(images.shape[-1])
+    dy, dx = dy * shift, dx * shift
     batch = flip_translate(images.repeat(V, 1, 1, 1), flip.bool(), dy, dx)  # (V*B, C, H, W)
     return model(batch).view(V, B, -1).mean(0)
 

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from vitlab import config as configs
-from vitlab.config import DataConfig, RunConfig
+from vitlab.config import DataConfig, RunConfig, crop_padding
 from vitlab.data.augment import normalize
 from vitlab.errors import VitlabError
 from vitlab.io import atomic_write, read_checkpoint, read_metric_rows
@@ -108,7 +108,7 @@ def calibration_images(model: ViT, data: DataConfig, count: int = CALIBRATION_IM
               f"{data.split_seed} leave it", file=sys.stderr)
     elif same_source(recorded["source"], data.source):
         data = replace(data, **{k: recorded[k] for k in ("val_fraction", "split_seed", "skip_bad_images")})
-    source = open_source(data, model.config.image_size)
+    source = open_source(data, model.config.image_size, model.config.in_channels)
     train = source.train_val()[0]  # an ImageSet, or for a pack the indices of its training items
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:count]
     if source.streams:
@@ -335,7 +335,8 @@ def recipe(model: ViT, run: TrainingRun | None) -> list[str]:
         origin = init if init.startswith(("timm:", "hf-hub:")) else "local weights"
         lines.append(f"- Started from: {origin} (a new head; the pre-trained part at {o.init_lr_scale}x "
                      f"the learning rate)")
-    augment = [f"{d.augment} (padding {d.crop_padding})" if d.augment == "crop-flip" else d.augment]
+    padding = crop_padding(d, run.config.model.image_size)
+    augment = [f"{d.augment} (shifts up to {padding} px, mirrored)" if d.augment == "crop-flip" else d.augment]
     if d.autoaugment:
         augment.append("AutoAugment")
     if d.randaugment_ops:
@@ -438,11 +439,12 @@ def model_card(model: ViT, name: str) -> str:
                  "and flags it was started with are not recorded; local paths are left out).", ""]
     body += ["## How to use it", ""]
     if timm:
+        mode = "L" if model.config.in_channels == 1 else "RGB"
         body += ["With timm:", "", "```python", "import timm", "from PIL import Image", "",
                  f'model = timm.create_model("hf-hub:ORG/{name}", pretrained=True).eval()  '
                  f'# or "local-dir:PATH/TO/{name}"',
                  "transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))",
-                 'logits = model(transform(Image.open("image.jpg").convert("RGB")).unsqueeze(0))',
+                 f'logits = model(transform(Image.open("image.jpg").convert("{mode}")).unsqueeze(0))',
                  "```", ""]
     body += ["With vitlab (`--checkpoint` takes this folder once downloaded; `model.init` starts a run from it):", "",
              "```bash", f"vitlab predict --checkpoint {name} image.jpg",

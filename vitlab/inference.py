@@ -118,7 +118,7 @@ def predict(model: ViT | OnnxModel, paths: list[Path], top_k: int = 5, batch_siz
     arrive as they are done and memory does not grow with the number of images."""
     files = iter(progress(paths, len(paths), "predicting"))
     while chunk := list(itertools.islice(files, batch_size)):
-        images = torch.stack([read_image(p, model.config.image_size) for p in chunk])
+        images = torch.stack([read_image(p, model.config.image_size, model.config.in_channels) for p in chunk])
         yield from top_classes(model, images, [str(p) for p in chunk], top_k)
 
 
@@ -126,6 +126,9 @@ def predict_shards(model: ViT | OnnxModel, location: str, top_k: int = 5, batch_
     """`predict` for every image of a pack (`vitlab pack`), streamed; 'path' is the item's name."""
     from vitlab.data import shards
 
+    if model.config.in_channels != 3:
+        raise VitlabError(f"packs hold colour images; this model reads {model.config.in_channels} channel(s): "
+                          f"predict on the image files")
     loader = shards.shard_loader(shards.shard_dataset(location, model.config.image_size, names=True), batch_size)
     for images, _, names in progress(loader, len(loader), "predicting"):
         yield from top_classes(model, images, names, top_k)

@@ -25,8 +25,8 @@ def save(fig, path: Path):
 
 
 def to_numpy_image(image: torch.Tensor) -> np.ndarray:
-    """uint8 (C, H, W) -> (H, W, C) for imshow."""
-    return image.permute(1, 2, 0).numpy()
+    """uint8 (C, H, W) -> (H, W, 3) for imshow: a grey image (one channel) in three equal ones."""
+    return image.expand(3, -1, -1).permute(1, 2, 0).numpy()
 
 
 # --- learning curves -----------------------------------------------------------------------------
@@ -154,7 +154,7 @@ def plot_attention_of_images(model, paths: list, out: Path):
     from vitlab.data.images import read_image
     from vitlab.inspection import attention_summary
 
-    images = torch.stack([read_image(p, model.config.image_size) for p in paths])
+    images = torch.stack([read_image(p, model.config.image_size, model.config.in_channels) for p in paths])
     summary = attention_summary(model, normalize(images, model.image_mean, model.image_std))
     confidence, predicted = summary.logits.softmax(-1).max(-1)
     titles = [f"predicted: {model.class_names[c]} ({p:.0%})" for c, p in zip(predicted.tolist(), confidence.tolist())]

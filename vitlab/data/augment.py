@@ -8,7 +8,8 @@ grid_sample), so that augmenting never makes a GPU wait:
 - an op library with torchvision.transforms.v2's semantics (`apply_op` and the ops it dispatches to),
   and on it `rand_augment` and `auto_augment_cifar10`: torchvision's RandAugment and AutoAugment
   (CIFAR-10 policy);
-- `mix`: timm's Mixup / CutMix of a normalised batch and its soft targets.
+- `mix`: timm's Mixup / CutMix of a normalised batch and its soft targets;
+- `augment_batch`: a training batch augmented as the data.* options say.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from vitlab.config import DataConfig, crop_padding
 from vitlab.errors import VitlabError
 
 @torch.compiler.disable  # a cached table, built outside any compiled graph (as the two below)
@@ -444,3 +446,16 @@ def mix(images: torch.Tensor, labels: torch.Tensor, num_classes: int, mixup_alph
         images = images * lam + images.flip(0) * (1 - lam)
     targets = _one_hot(labels, num_classes) * lam + _one_hot(labels.flip(0), num_classes) * (1 - lam)
     return images, targets
+
+
+def augment_batch(images: torch.Tensor, config: DataConfig, image_size: int) -> torch.Tensor:
+    """A uint8 training batch (B, C, H, W) augmented as data.augment, autoaugment and randaugment_* say."""
+    if config.augment == "crop-flip":
+        images = random_crop_flip(images, crop_padding(config, image_size))
+    elif config.augment == "tutorial":
+        images = tutorial_geometry(images)
+    if config.autoaugment:
+        images = auto_augment_cifar10(images)
+    if config.randaugment_ops:
+        images = rand_augment(images, config.randaugment_ops, config.randaugment_magnitude)
+    return images

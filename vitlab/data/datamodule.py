@@ -8,15 +8,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vitlab.data.augment import (
-    auto_augment_cifar10,
-    mix,
-    normalize,
-    rand_augment,
-    random_crop_flip,
-    tutorial_geometry,
-)
 from vitlab.config import DataConfig
+from vitlab.data.augment import augment_batch, mix, normalize
 from vitlab.data.images import ImageSet
 from vitlab.data.sources import open_source
 from vitlab.errors import VitlabError
@@ -117,10 +110,11 @@ class ImageDataModule(L.LightningDataModule):
     loader workers and copied. `seed` fixes the training order of every epoch; `compile` compiles the
     augmentation on a GPU (see on_after_batch_transfer)."""
 
-    def __init__(self, config: DataConfig, image_size: int, seed: int = 0, compile: bool = False):
+    def __init__(self, config: DataConfig, image_size: int, seed: int = 0, compile: bool = False, channels: int = 3):
         super().__init__()
         self.config = config
         self.image_size = image_size
+        self.channels = channels
         self.seed = seed
         self.compile = compile
         self.train_augment = None  # self.augment, compiled or not: decided at the first training batch
@@ -131,7 +125,7 @@ class ImageDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None):
         if self.source is not None:
             return
-        self.source = open_source(self.config, self.image_size)
+        self.source = open_source(self.config, self.image_size, self.channels)
         self.train, self.val, self.mean, self.std = self.source.train_val()
 
     @property
@@ -179,17 +173,7 @@ class ImageDataModule(L.LightningDataModule):
         return {"rank": self.trainer.global_rank, "world": self.trainer.world_size}
 
     def augment(self, images: torch.Tensor) -> torch.Tensor:
-        """A uint8 batch (B, C, H, W) augmented as data.augment, autoaugment and randaugment_* say."""
-        c = self.config
-        if c.augment == "crop-flip":
-            images = random_crop_flip(images, c.crop_padding)
-        elif c.augment == "tutorial":
-            images = tutorial_geometry(images)
-        if c.autoaugment:
-            images = auto_augment_cifar10(images)
-        if c.randaugment_ops:
-            images = rand_augment(images, c.randaugment_ops, c.randaugment_magnitude)
-        return images
+        return augment_batch(images, self.config, self.image_size)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Training batches come out as (normalised images, targets): class indices (B,), or class

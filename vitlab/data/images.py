@@ -180,33 +180,34 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def read_image(path: Path | str, image_size: int) -> torch.Tensor:
-    """Any image Pillow reads -> RGB uint8 tensor (3, image_size, image_size), upright as a viewer
-    shows it (EXIF orientation applied); the first frame of an animation. A non-square image is
-    resized on its shorter side and centre-cropped, never squashed (as timm and torchvision evaluate)."""
+def read_image(path: Path | str, image_size: int, channels: int = 3) -> torch.Tensor:
+    """Any image Pillow reads -> uint8 tensor (channels, image_size, image_size): RGB, or with one
+    channel grey (colour images converted); upright as a viewer shows it (EXIF orientation applied);
+    the first frame of an animation. A non-square image is resized on its shorter side and
+    centre-cropped, never squashed (as timm and torchvision evaluate)."""
     try:
         with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that: refuse those too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                img = to_rgb(ImageOps.exif_transpose(img))
+                img = to_rgb(ImageOps.exif_transpose(img), grey=channels == 1)
         if img.size != (image_size, image_size):
             img = ImageOps.fit(img, (image_size, image_size), Image.Resampling.BICUBIC)
-        array = np.asarray(img, dtype=np.uint8)
+        array = np.asarray(img, dtype=np.uint8).reshape(image_size, image_size, channels)
     except Exception as e:  # Pillow's decoders raise many kinds of exception for damaged files
         raise VitlabError(f"cannot read image {path}: {' '.join(str(e).split()) or type(e).__name__}") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode -> RGB; alpha is dropped."""
+def to_rgb(img: Image.Image, grey: bool = False) -> Image.Image:
+    """Any Pillow mode -> RGB (or with grey, L: one 8-bit channel); alpha is dropped."""
     if img.mode.startswith("I"):
         # 16-bit grey (I;16, I;16B, or I from older Pillow): convert() clips at 255 instead of
         # scaling, so keep the high byte of each value.
         img = Image.fromarray((np.asarray(img).clip(0, 65535) >> 8).astype(np.uint8))
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # Pillow warns when such a palette goes straight to RGB
-    return img.convert("RGB")
+    return img.convert("L" if grey else "RGB")
 
 
 def list_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
@@ -228,7 +229,8 @@ def list_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
 DECODER_VERSION = 3  # part of the decode-cache key: bump it when read_image's output changes
 
 
-def load_image_folder(root: Path, image_size: int, cache_dir: Path, skip_bad_images: bool = False) -> ImageSet:
+def load_image_folder(root: Path, image_size: int, cache_dir: Path, skip_bad_images: bool = False,
+                      channels: int = 3) -> ImageSet:
     """Decode an ImageFolder tree once into memory; cached on disk so later runs skip decoding.
 
     The cache key covers every file's path, size and modification time, the image size and the
@@ -236,28 +238,31 @@ def load_image_folder(root: Path, image_size: int, cache_dir: Path, skip_bad_ima
     is noted on stderr and replaced.
     """
     classes, samples = list_image_folder(root)
-    key = hashlib.sha1(f"{DECODER_VERSION}|{root.resolve()}|{image_size}|{skip_bad_images}".encode())
+    grey = "|grey" if channels == 1 else ""  # (RGB caches keep the key they had)
+    key = hashlib.sha1(f"{DECODER_VERSION}|{root.resolve()}|{image_size}|{skip_bad_images}{grey}".encode())
     for path, _ in samples:
         stat = path.stat()
         key.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
     cache_file = cache_dir / f"folder-{key.hexdigest()[:20]}.pt"
     label_of = {str(path): label for path, label in samples}
     with made_by_one(cache_file, "decode cache"):
-        decoded = read_cache(cache_file, label_of, image_size, skip_bad_images) if cache_file.exists() else None
+        decoded = (read_cache(cache_file, label_of, (channels, image_size, image_size), skip_bad_images)
+                   if cache_file.exists() else None)
         if decoded is None:
             print(f"decoding {len(samples)} images in {root} (cached for later runs in {cache_dir})", file=sys.stderr)
-            decoded = decode_folder(root, samples, image_size, skip_bad_images)
+            decoded = decode_folder(root, samples, image_size, skip_bad_images, channels)
             atomic_write(cache_file, lambda f: torch.save(decoded, f), "decode cache")
     paths = decoded["paths"]
     return ImageSet(decoded["images"], torch.tensor([label_of[p] for p in paths]), classes, paths)
 
 
-def decode_folder(root: Path, samples: list[tuple[Path, int]], image_size: int, skip_bad_images: bool) -> dict:
-    """{'images': uint8 (N, 3, S, S), 'paths': [file of each image]}: the listed files decoded."""
+def decode_folder(root: Path, samples: list[tuple[Path, int]], image_size: int, skip_bad_images: bool,
+                  channels: int = 3) -> dict:
+    """{'images': uint8 (N, channels, S, S), 'paths': [file of each image]}: the listed files decoded."""
     images, paths, bad = [], [], []
     for path, _ in progress(samples, len(samples), "decoding"):
         try:
-            images.append(read_image(path, image_size))
+            images.append(read_image(path, image_size, channels))
         except VitlabError as e:
             if not skip_bad_images:
                 raise VitlabError(f"{e} (use --skip-bad-images to skip unreadable images)") from None
@@ -271,26 +276,26 @@ def decode_folder(root: Path, samples: list[tuple[Path, int]], image_size: int, 
     return {"images": torch.stack(images), "paths": paths}
 
 
-def read_cache(cache_file: Path, label_of: dict[str, int], image_size: int, skip_bad_images: bool) -> dict | None:
+def read_cache(cache_file: Path, label_of: dict[str, int], shape: tuple[int, int, int],
+               skip_bad_images: bool) -> dict | None:
     """The decoded folder from cache_file, or None (saying why on stderr) when the file is damaged."""
     try:
         decoded = torch.load(cache_file, weights_only=True)
     except Exception as e:  # torch raises many kinds of exception for damaged files
         problem = f"cannot be loaded: {type(e).__name__}"
     else:
-        problem = cache_problem(decoded, label_of, image_size, skip_bad_images)
+        problem = cache_problem(decoded, label_of, shape, skip_bad_images)
     if problem:
         print(f"decode cache {cache_file} is damaged ({problem}); decoding the folder again", file=sys.stderr)
         return None
     return decoded
 
 
-def cache_problem(decoded, label_of: dict[str, int], image_size: int, skip_bad_images: bool) -> str | None:
+def cache_problem(decoded, label_of: dict[str, int], shape: tuple[int, int, int], skip_bad_images: bool) -> str | None:
     """What is wrong with a loaded decode cache for this folder listing, or None."""
     if not isinstance(decoded, dict) or set(decoded) != {"images", "paths"}:
         return "not a decode cache"
     images, paths = decoded["images"], decoded["paths"]
-    shape = (3, image_size, image_size)
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.shape[1:] != shape:
         return "images of the wrong type or size"
     if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths) or len(paths) != len(images):

@@ -6,7 +6,8 @@ tell the kinds apart:
   memory (ImageSets), or for a pack the indices of the items to stream;
 - `held_out()`: the validation part, decoded, exactly as training holds it out (`eval --held-out`);
 - `test_set()`: what `vitlab eval` scores without --held-out (CIFAR's test split, else every image);
-- `pack()`: the images as LitData chunks (`vitlab pack`).
+- `pack()`: the images as LitData chunks (`vitlab pack`);
+- `summary()`: what a planned run needs to know of the images (`DataSummary`), without decoding them.
 
 One split rule (images.split_indices, over the source's own order) and one statistics rule (those of
 the training part, images.mean_std) hold for every kind, so a folder and its pack hold out the same
@@ -15,6 +16,7 @@ images and normalise alike. A folder with a sibling `val/` folder validates on t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from vitlab.config import CIFAR_NAMES, DataConfig, parse_source
@@ -22,6 +24,7 @@ from vitlab.data.images import (
     CIFAR,
     ImageSet,
     download_cifar,
+    list_image_folder,
     load_image_folder,
     make_fake,
     read_cifar_batches,
@@ -33,15 +36,41 @@ from vitlab.errors import VitlabError
 assert set(CIFAR) == set(CIFAR_NAMES)  # config names the kinds that this module implements
 
 
+@dataclass(frozen=True)
+class DataSummary:
+    """A source's images as a planned run sees them (vitlab.planning)."""
+
+    images: int  # every image of the source (held-out part included)
+    classes: int
+    smallest_class: int | None  # images in the smallest class; None when the source does not say
+    side: int  # the images' typical (median) shorter side, in pixels
+    aspect: float  # their typical longer / shorter side
+    grayscale: bool  # every image looked at has one channel
+
+    @property
+    def per_class(self) -> float:
+        return self.images / self.classes
+
+
+SUMMARY_SAMPLE = 200  # how many of a folder's files summary() opens (headers only: milliseconds each)
+
+
 class Source:
     """An in-memory source: subclasses say what `images()` are (every training image, in the
     source's own order) and may add a separate validation set."""
 
     streams = False  # its training images are streamed (shards), not held in memory
+    grey = False  # it can give its images in one channel (grey): a folder converts them as it reads them
 
-    def __init__(self, config: DataConfig, image_size: int):
+    def __init__(self, config: DataConfig, image_size: int, channels: int = 3):
+        if channels not in (1, 3):
+            raise VitlabError(f"model.in_channels {channels}: images are read as RGB (3) or grey (1)")
+        if channels != 3 and not self.grey:
+            raise VitlabError(f"{config.source} gives colour images: a model of model.in_channels {channels} "
+                              f"trains on folders (folder:PATH) only")
         self.config = config
         self.image_size = image_size
+        self.channels = channels
 
     def images(self) -> ImageSet:
         raise NotImplementedError
@@ -64,6 +93,9 @@ class Source:
 
     def test_set(self) -> ImageSet:
         return self.images()
+
+    def summary(self) -> DataSummary:
+        raise NotImplementedError
 
     def pack(self, out_dir: Path, jpeg_quality: int | None, workers: int, test: bool = False):
         from vitlab.data import shards
@@ -91,6 +123,11 @@ class Cifar(Source):
     def test_set(self) -> ImageSet:  # never used in training
         return self.load(train=False)
 
+    def summary(self) -> DataSummary:
+        download_cifar(self.config.source, Path(self.config.root).expanduser())  # absent and offline: said now
+        classes = 10 if self.config.source == "cifar10" else 100
+        return DataSummary(50_000, classes, 50_000 // classes, side=32, aspect=1.0, grayscale=False)
+
 
 class Fake(Source):
     def images(self) -> ImageSet:
@@ -99,8 +136,14 @@ class Fake(Source):
     def test_set(self) -> ImageSet:  # it has no other images
         return self.held_out()
 
+    def summary(self) -> DataSummary:
+        count = parse_source(self.config.source)[1]
+        return DataSummary(count, 10, None, side=32, aspect=1.0, grayscale=False)
+
 
 class Folder(Source):
+    grey = True
+
     @property
     def path(self) -> Path:
         return parse_source(self.config.source)[1]
@@ -111,7 +154,7 @@ class Folder(Source):
 
     def load(self, path: Path) -> ImageSet:
         return load_image_folder(path, self.image_size, Path(self.config.cache_dir).expanduser(),
-                                 self.config.skip_bad_images)
+                                 self.config.skip_bad_images, self.channels)
 
     def images(self) -> ImageSet:
         return self.load(self.path)
@@ -121,6 +164,33 @@ class Folder(Source):
         if self.path.resolve().name == "val" or not sibling.is_dir():
             return None
         return align_classes(self.load(sibling), classes, f"data folder {sibling}")
+
+    def summary(self) -> DataSummary:
+        """Counted from the listing; sizes and channels from the headers of up to SUMMARY_SAMPLE files
+        spread evenly over it (no pixels are decoded)."""
+        from PIL import Image
+
+        classes, samples = list_image_folder(self.path)
+        counts = [0] * len(classes)
+        for _, label in samples:
+            counts[label] += 1
+        k = min(SUMMARY_SAMPLE, len(samples))
+        looked_at = [samples[i * len(samples) // k][0] for i in range(k)]  # evenly over every class
+        shorter, longer, grey = [], [], []
+        for path in looked_at:
+            try:
+                with Image.open(path) as img:
+                    (w, h), mode = img.size, img.mode
+            except Exception:  # unreadable files are training's to report (or skip)
+                continue
+            shorter.append(min(w, h))
+            longer.append(max(w, h) / min(w, h))
+            grey.append(mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"))
+        if not shorter:
+            raise VitlabError(f"data folder {self.path}: none of the {len(looked_at)} "
+                              f"images looked at could be read")
+        return DataSummary(len(samples), len(classes), min(counts), side=sorted(shorter)[len(shorter) // 2],
+                           aspect=sorted(longer)[len(longer) // 2], grayscale=all(grey))
 
     def pack(self, out_dir: Path, jpeg_quality: int | None, workers: int, test: bool = False):
         from vitlab.data import shards
@@ -134,10 +204,10 @@ class Shards(Source):
 
     streams = True
 
-    def __init__(self, config: DataConfig, image_size: int):
+    def __init__(self, config: DataConfig, image_size: int, channels: int = 3):
         from vitlab.data import shards
 
-        super().__init__(config, image_size)
+        super().__init__(config, image_size, channels)
         self.location = parse_source(config.source)[1]
         self.manifest = shards.read_manifest(self.location)
 
@@ -168,15 +238,19 @@ class Shards(Source):
     def held_out(self) -> ImageSet:
         return self.decode(self.train_val()[1])
 
+    def summary(self) -> DataSummary:
+        m = self.manifest
+        return DataSummary(m.count, len(m.classes), None, side=m.image_size, aspect=1.0, grayscale=False)
+
     def pack(self, out_dir: Path, jpeg_quality: int | None, workers: int, test: bool = False):
         raise VitlabError(f"{self.config.source} is packed already")
 
 
-def open_source(config: DataConfig, image_size: int) -> Source:
-    """The source that config.source names."""
+def open_source(config: DataConfig, image_size: int, channels: int = 3) -> Source:
+    """The source that config.source names, giving images of image_size with `channels` (3: RGB, 1: grey)."""
     kind = parse_source(config.source)[0]
     kinds = {"fake": Fake, "folder": Folder, "shards": Shards, **{name: Cifar for name in CIFAR_NAMES}}
-    return kinds[kind](config, image_size)
+    return kinds[kind](config, image_size, channels)
 
 
 def same_source(a: str, b: str) -> bool:
@@ -200,9 +274,10 @@ def align_classes(image_set: ImageSet, classes: list[str], where: str) -> ImageS
     return ImageSet(image_set.images, mapping[image_set.labels], classes, image_set.paths)
 
 
-def load_eval_set(config: DataConfig, image_size: int, classes: list[str], held_out: bool = False) -> ImageSet:
+def load_eval_set(config: DataConfig, image_size: int, classes: list[str], held_out: bool = False,
+                  channels: int = 3) -> ImageSet:
     """The images `vitlab eval` scores, labelled by `classes`: with held_out, the validation part of
     the source exactly as training holds it out; else its test set."""
-    source = open_source(config, image_size)
+    source = open_source(config, image_size, channels)
     image_set = source.held_out() if held_out else source.test_set()
     return align_classes(image_set, classes, source.description)

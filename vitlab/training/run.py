@@ -1,6 +1,7 @@
 """A training run: one directory holding its config, checkpoints, metrics and TensorBoard events.
 
     RUN_DIR/config.yaml                 the full resolved config
+    RUN_DIR/plan.yaml                   a planned run's plan: what it measured and chose, and why
     RUN_DIR/checkpoints/last.ckpt       written every trainer.checkpoint_every and at the end;
                                         --resume continues from it
     RUN_DIR/checkpoints/best.ckpt       best validation accuracy so far (final weights included)
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, LearningRateMonitor
 
@@ -31,7 +33,7 @@ from vitlab import config as configs
 from vitlab.config import RunConfig
 from vitlab.data.datamodule import ImageDataModule
 from vitlab.errors import VitlabError
-from vitlab.io import read_checkpoint, read_metric_rows, write_checkpoint
+from vitlab.io import atomic_write, read_checkpoint, read_metric_rows, write_checkpoint
 from vitlab.pretrained import init_config, load_init, read_init
 from vitlab.training.callbacks import (BestCheckpoint, DivergenceGuard, LastCheckpoint, MetricsCSV, RunClock,
                                        StopRequests)
@@ -163,9 +165,9 @@ def build_trainer(config: RunConfig, run_dir: Path, callbacks: list[L.Callback],
     ))
 
 
-def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
+def train(config: RunConfig, run_dir: Path, resume: bool = False, plan: dict | None = None) -> Path:
     """Train a new run, or resume one (`config` then differs from the saved one at most in its
-    length); returns the path of its last checkpoint."""
+    length); returns the path of its last checkpoint. A planned run's plan is written as plan.yaml."""
     if config.trainer.max_epochs is None and config.trainer.max_time is None:
         raise VitlabError("training needs a limit: set --max-epochs or --max-time")
     check_installed(config)  # a missing extra is an error before the run directory is touched
@@ -181,7 +183,7 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
     L.seed_everything(config.trainer.seed, workers=True, verbose=False)
 
     datamodule = ImageDataModule(config.data, config.model.image_size, seed=config.trainer.seed,
-                                 compile=config.trainer.compile)
+                                 compile=config.trainer.compile, channels=config.model.in_channels)
     datamodule.setup("fit")
     classes = datamodule.classes
     if config.model.num_classes is not None and config.model.num_classes != len(classes):
@@ -192,6 +194,8 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False) -> Path:
             note_length_change(configs.load(run_dir / "config.yaml"), config)
         # Only once the data has loaded, so a bad data set leaves no half-made run behind.
         configs.save(config, run_dir / "config.yaml")
+        if plan is not None:
+            atomic_write(run_dir / "plan.yaml", yaml.safe_dump(plan, sort_keys=False), "plan")
     model_config = dataclasses.replace(config.model, num_classes=len(classes))
     module = Classifier(**Classifier.hparams_for(
         model_config, config.optim, classes, datamodule.mean, datamodule.std, config.trainer.val_tta, config.data))
