@@ -111,8 +111,10 @@ def compiles(seconds: float | None, on_gpu: bool) -> bool:
 
 
 def validation_interval(epochs: float | None) -> int:
-    """Validate about four times in a run (and the final weights always): held-out images cost time."""
-    return max(1, round((epochs or 4) / 4))
+    """Validate once halfway (and the final weights always): each validation with six test-time
+    views costs time the budget would otherwise train with (CIFAR-10, small model, 10 minutes:
+    validating every 3 epochs took 60 s, a tenth of the run)."""
+    return max(1, round((epochs or 2) / 2))
 
 
 FINE_TUNE_BELOW = 100  # images in the smallest class below which the plan recommends model.init=
