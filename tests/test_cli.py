@@ -268,9 +268,9 @@ def test_fake_source_trains_end_to_end(tmp_path, capsys):
 @pytest.mark.parametrize("views", ["flip", "flip-shift"])
 def test_tta_validation_is_what_eval_tta_scores(tmp_path, capsys, views):
     run_dir = tmp_path / "run"
-    code, out, _ = run_cli(capsys, "train", "--preset", "smoke", "--data", "fake", "--max-epochs", "1",
-                           "--run-dir", run_dir, "model.dim=32", f"trainer.val_tta={views}")
-    assert code == 0 and f"with {views} TTA" in out
+    code, trained, _ = run_cli(capsys, "train", "--preset", "smoke", "--data", "fake", "--max-epochs", "1",
+                               "--run-dir", run_dir, "model.dim=32", f"trainer.val_tta={views}")
+    assert code == 0 and f"with {views} TTA" in trained
     last_val = read_metrics(run_dir)[-1]
     scores = {}
     for tta in ["none", views]:
@@ -281,6 +281,9 @@ def test_tta_validation_is_what_eval_tta_scores(tmp_path, capsys, views):
     assert scores[views]["accuracy"] == pytest.approx(float(last_val["val_acc"]), abs=1e-6)
     assert scores[views]["loss"] == pytest.approx(float(last_val["val_loss"]), abs=1e-4)
     assert scores["none"]["loss"] != pytest.approx(scores[views]["loss"], abs=1e-7)  # the other views did count
+    # The same validation scored the image alone too, as eval without views does.
+    assert scores["none"]["accuracy"] == pytest.approx(float(last_val["val_acc_plain"]), abs=1e-6)
+    assert f"without {100 * float(last_val['val_acc_plain']):.2f}%" in trained
 
 
 def test_ema_run_validates_and_saves_the_averaged_weights(tmp_path, capsys):

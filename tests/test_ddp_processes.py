@@ -19,7 +19,7 @@ from tests.test_distributed import env, rows
 from vitlab.io import read_checkpoint
 
 TIMEOUT_S = 120
-STOP_LINE = "vitlab train: error: stopped by SIGTERM; saved {last}: the same command with --resume continues from it"
+STOP_LINE = "vitlab train: error: stopped by {signal}; saved {last}: the same command with --resume continues from it"
 
 
 @pytest.fixture(scope="module")
@@ -135,22 +135,27 @@ def gone(pids: list[int], within_s: float) -> bool:
 
 
 def launch_and_wait_for_a_checkpoint(images, run_dir, *extra):
+    # A session of its own, as a command typed at a terminal: Ctrl-C reaches its whole process group.
     job = subprocess.Popen([sys.executable, "-m", "vitlab.cli", *train_argv(images, run_dir, *extra)], env=env(),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + TIMEOUT_S
     while not (run_dir / "checkpoints" / "last.ckpt").exists() and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     return job
 
 
-def stop_at(images, run_dir, delay_s: float) -> dict:
-    """A 2-process run sent SIGTERM delay_s after its first checkpoint; what came of it."""
+def stop_at(images, run_dir, delay_s: float, ctrl_c: bool = False) -> dict:
+    """A 2-process run sent SIGTERM (a scheduler: to the launching process) or Ctrl-C (a terminal:
+    SIGINT to every process) delay_s after its first checkpoint; what came of it."""
     # A checkpoint after every epoch (4 steps) and a validation every epoch: many instants fall in one.
     job = launch_and_wait_for_a_checkpoint(images, run_dir, "--max-epochs", "400", "data.batch_size=4",
                                            "trainer.checkpoint_every=00:00:00")
     others = children(job.pid)
     time.sleep(delay_s)
-    job.send_signal(signal.SIGTERM)
+    if ctrl_c:
+        os.killpg(job.pid, signal.SIGINT)
+    else:
+        job.send_signal(signal.SIGTERM)
     try:
         _, err = job.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -174,7 +179,7 @@ def test_sigterm_at_any_instant_stops_a_two_process_run_one_way(images, tmp_path
         assert not outcome.get("hung"), f"SIGTERM {delay:.2f} s after the first checkpoint: hung"
         where = f"SIGTERM {delay:.2f} s after the first checkpoint:\n{outcome['err'][-3000:]}"
         assert outcome["code"] == 128 + signal.SIGTERM, where
-        assert outcome["vitlab_lines"] == [STOP_LINE.format(last=outcome["last"])], where
+        assert outcome["vitlab_lines"] == [STOP_LINE.format(signal="SIGTERM", last=outcome["last"])], where
         assert "Traceback" not in outcome["err"], where
         assert outcome["checkpoint"] is not None and outcome["checkpoint"]["global_step"] > 0, where
         assert len(outcome["checkpoint"]["rng"]) == 2, where
@@ -187,6 +192,24 @@ def test_sigterm_at_any_instant_stops_a_two_process_run_one_way(images, tmp_path
                              env=env(), capture_output=True, text=True, timeout=TIMEOUT_S)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert int(rows(run_dir)[-1]["step"]) > stopped_at
+
+
+def test_ctrl_c_stops_a_two_process_run_one_way(images, tmp_path):
+    """Ctrl-C at a terminal (SIGINT to both processes) at 4 seeded instants: exit 130, one message
+    from one process, a checkpoint, no process left behind."""
+    rng = random.Random(130)
+    delays = [rng.uniform(0.0, 1.5) for _ in range(4)]
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(lambda i: stop_at(images, tmp_path / f"run{i}", delays[i], ctrl_c=True),
+                                 range(len(delays))))
+    for delay, outcome in zip(delays, outcomes):
+        assert not outcome.get("hung"), f"Ctrl-C {delay:.2f} s after the first checkpoint: hung"
+        where = f"Ctrl-C {delay:.2f} s after the first checkpoint:\n{outcome['err'][-3000:]}"
+        assert outcome["code"] == 128 + signal.SIGINT, where
+        assert outcome["vitlab_lines"] == [STOP_LINE.format(signal="SIGINT", last=outcome["last"])], where
+        assert "Traceback" not in outcome["err"], where
+        assert outcome["checkpoint"] is not None and outcome["checkpoint"]["global_step"] > 0, where
+        assert outcome["others_gone"], where
 
 
 @pytest.mark.parametrize("lost", [1, 0])

@@ -12,7 +12,7 @@ import torch
 
 from vitlab import load_model
 from vitlab.errors import VitlabError
-from vitlab.io import atomic_write
+from vitlab.io import atomic_write, read_metric_rows
 from vitlab.training import module as training_module
 from vitlab.training.callbacks import MetricsCSV, RunClock
 from tests.conftest import write_image_folder
@@ -194,6 +194,18 @@ def test_unwritable_metrics_is_a_clear_error(tmp_path):
     metrics = MetricsCSV(tmp_path / "not_a_dir" / "metrics.csv")
     with pytest.raises(VitlabError, match="cannot write metrics .*metrics.csv.*free"):
         metrics.write({"epoch": 0, "step": 1, "elapsed_s": 0.0})
+
+
+def test_a_run_resumed_from_an_older_vitlab_keeps_its_metrics_columns(tmp_path):
+    # metrics.csv from before val_acc_plain: the resumed run's rows go on under the file's own header,
+    # each value in its column (not shifted one along).
+    path = tmp_path / "metrics.csv"
+    path.write_text("epoch,step,lr,train_loss,train_acc,val_loss,val_acc,elapsed_s\n0,10,0.001,2.0,0.2,1.9,0.3,5.0\n")
+    MetricsCSV(path).write({"epoch": 1, "step": 20, "lr": 0.0005, "train_loss": 1.5, "train_acc": 0.4,
+                            "val_loss": 1.4, "val_acc": 0.5, "val_acc_plain": 0.45, "elapsed_s": 9.0})
+    rows = read_metric_rows(tmp_path)
+    assert [(r["epoch"], r["val_acc"], r["elapsed_s"]) for r in rows] == [("0", "0.3", "5.0"), ("1", "0.5", "9.0")]
+    assert path.read_text().splitlines()[0] == "epoch,step,lr,train_loss,train_acc,val_loss,val_acc,elapsed_s"
 
 
 def test_best_checkpoint_counts_the_final_validation(images, tmp_path, capsys):

@@ -272,7 +272,7 @@ def test_a_short_fit_logs_its_losses_and_follows_the_schedule():
     # The training loss at the steps the logs are written (every 2nd here, the last one included),
     # validation loss and accuracy per epoch; only the latter on the progress bar, which reads its
     # values at every step.
-    assert set(trainer.logged_metrics) == {"train_loss", "val_loss", "val_acc"}
+    assert set(trainer.logged_metrics) == {"train_loss", "val_loss", "val_acc", "val_acc_plain"}
     assert set(trainer.progress_bar_metrics) == {"val_loss", "val_acc"}
     assert trainer.logged_metrics["train_loss"].item() == pytest.approx(losses[-1])
     assert classifier.train_metrics()["train_loss"] == pytest.approx(sum(losses) / 4)
@@ -716,3 +716,5 @@ def test_the_gpu_5min_preset_trains_in_fp32_on_a_cpu(tmp_path, monkeypatch):
     assert scores["flip-shift"]["accuracy"] == pytest.approx(float(rows[0]["val_acc"]), abs=1e-6)
     assert scores["flip-shift"]["loss"] == pytest.approx(float(rows[0]["val_loss"]), abs=1e-4)
     assert scores["none"]["loss"] != pytest.approx(float(rows[0]["val_loss"]), abs=1e-4)
+    assert scores["none"]["accuracy"] == pytest.approx(float(rows[0]["val_acc_plain"]), abs=1e-6)
+    assert run.plain_accuracy == pytest.approx(scores["none"]["accuracy"], abs=1e-6)

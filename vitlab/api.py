@@ -49,6 +49,13 @@ class Run:
         return float(rows[-1]["val_acc"]) if rows and rows[-1]["val_acc"] else None
 
     @property
+    def plain_accuracy(self) -> float | None:
+        """The held-out accuracy of the final weights without test-time views; None if not validated
+        (or validated by a vitlab that did not record it)."""
+        rows = self.metrics
+        return float(rows[-1]["val_acc_plain"]) if rows and rows[-1].get("val_acc_plain") else None
+
+    @property
     def plan(self) -> dict | None:
         """A planned run's plan (plan.yaml: the data's summary, the measured speeds, the choices and
         why); None for a run from a preset or config."""

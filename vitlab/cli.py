@@ -143,6 +143,8 @@ def cmd_train(args):
                 run_dir=args.run_dir, seed=args.seed, resume=args.resume, overrides=overrides)
     tta = f" with {run.config.trainer.val_tta} TTA" if run.config.trainer.val_tta != "none" else ""
     accuracy = f", held-out accuracy{tta} {100 * run.accuracy:.2f}%" if run.accuracy is not None else ""
+    if tta and run.plain_accuracy is not None:
+        accuracy += f", without {100 * run.plain_accuracy:.2f}%"
     if launched_as_rank_zero():  # the other training processes, if any, have nothing else to say
         print(f"run written to {run.run_dir} (last checkpoint: {run.last_checkpoint}{accuracy})")
 

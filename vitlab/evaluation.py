@@ -45,19 +45,26 @@ def tta_views(name: str) -> list[tuple[bool, int, int]]:
 def tta_logits(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
                views: str = "none") -> torch.Tensor:
     """The mean logits (B, num_classes) over the TTA_VIEWS[views] of each image (B, C, H, W), by
-    model (a module, or any function from images to logits).
+    model (a module, or any function from images to logits)."""
+    return view_logits(model, images, views).mean(0)
+
+
+def view_logits(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                views: str = "none") -> torch.Tensor:
+    """The logits (V, B, num_classes) of each of the V views TTA_VIEWS[views] of each image; the
+    first view is the image itself, so [0] is the plain logits.
     All views go through the model as one batch: one forward pass, not one per view (exact, as the
     model is in eval mode: BatchNorm uses its running statistics, not the batch's)."""
     view_list = tta_views(views)
     if view_list == [(False, 0, 0)]:  # the image itself
-        return model(images)
+        return model(images)[None]
     B, V = len(images), len(view_list)
     # Each view's (mirrored, dy, dx) once per image, view by view as images.repeat lays out the batch.
     flip, dy, dx = torch.tensor(view_list, device=images.device).repeat_interleave(B, dim=0).T  # 3 x (V*B,)
     shift = tta_shift(images.shape[-1])
     dy, dx = dy * shift, dx * shift
     batch = flip_translate(images.repeat(V, 1, 1, 1), flip.bool(), dy, dx)  # (V*B, C, H, W)
-    return model(batch).view(V, B, -1).mean(0)
+    return model(batch).view(V, B, -1)
 
 
 @torch.no_grad()

@@ -288,12 +288,14 @@ def training_run(model: ViT) -> TrainingRun | None:
 
 def held_out_accuracy(run: TrainingRun | None) -> tuple[float | None, float | None]:
     """(plain, with test-time augmentation) accuracy of the weights on their run's held-out images, as
-    the run measured them (None: not measured). The run validated with trainer.val_tta's views, so at
-    most one of the two is known."""
+    the run measured them (None: not measured). Runs of vitlab before val_acc_plain recorded only
+    the accuracy with trainer.val_tta's views."""
     if run is None or run.row is None or not run.row["val_acc"]:
         return None, None
-    accuracy = float(run.row["val_acc"])
-    return (accuracy, None) if run.config.trainer.val_tta == "none" else (None, accuracy)
+    accuracy, plain = float(run.row["val_acc"]), run.row.get("val_acc_plain")
+    if run.config.trainer.val_tta == "none":
+        return accuracy, None
+    return (float(plain) if plain else None), accuracy
 
 
 def public_source(source: str) -> str:

@@ -166,6 +166,12 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         raise VitlabError(f"{path} is not a safetensors file ({e})") from None
 
 
+def metric_columns(path: Path) -> list[str]:
+    """The header of a metrics.csv file."""
+    with open(path, newline="") as f:
+        return next(csv.reader(f), [])
+
+
 def read_metric_rows(run_dir: Path) -> list[dict[str, str]]:
     """The rows of RUN_DIR/metrics.csv as written (empty strings where a value is missing); [] if none."""
     path = run_dir / "metrics.csv"

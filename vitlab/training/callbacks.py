@@ -26,10 +26,12 @@ import torch
 from lightning.pytorch.callbacks import Timer
 
 from vitlab.errors import VitlabError
-from vitlab.io import atomic_open, free_space, read_metric_rows
+from vitlab.io import atomic_open, free_space, metric_columns, read_metric_rows
 
 
-METRIC_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "elapsed_s"]
+# val_acc is with the run's test-time views (trainer.val_tta), val_acc_plain without them.
+METRIC_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_acc_plain",
+                  "elapsed_s"]
 
 
 class MetricsCSV(L.Callback):
@@ -76,6 +78,7 @@ class MetricsCSV(L.Callback):
             **module.train_metrics(),
             "val_loss": None,
             "val_acc": None,
+            "val_acc_plain": None,
             "elapsed_s": round(self.elapsed(), 1),
         }
         if self.validated_step == trainer.global_step:
@@ -87,7 +90,7 @@ class MetricsCSV(L.Callback):
 
     @staticmethod
     def val_metrics(trainer: L.Trainer) -> dict:
-        return {"val_loss": trainer.callback_metrics.get("val_loss"), "val_acc": trainer.callback_metrics.get("val_acc")}
+        return {key: trainer.callback_metrics.get(key) for key in ("val_loss", "val_acc", "val_acc_plain")}
 
     def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str):
         self.writes = trainer.is_global_zero  # one writer, whatever the number of processes
@@ -98,9 +101,11 @@ class MetricsCSV(L.Callback):
             return
         new = not self.path.exists()
         row = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in row.items()}
+        # A run resumed from an older vitlab keeps its file's columns (rows go on under that header).
+        columns = METRIC_COLUMNS if new else metric_columns(self.path)
         try:
             with open(self.path, "a", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+                writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
                 if new:
                     writer.writeheader()
                 writer.writerow(row)

@@ -13,7 +13,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from vitlab.config import DataConfig, OptimConfig
-from vitlab.evaluation import tta_logits
+from vitlab.evaluation import view_logits
 from vitlab.model import ViT, ViTConfig
 from vitlab.pretrained import is_pretrained
 from vitlab.training.callbacks import RunClock
@@ -68,6 +68,7 @@ class Classifier(L.LightningModule):
         self.optim = OptimConfig(**optim)
         self.val_tta = val_tta
         self.val_acc = MulticlassAccuracy(len(class_names), average="micro")
+        self.val_acc_plain = MulticlassAccuracy(len(class_names), average="micro")  # the image itself, no TTA
         # The mean over images, exact when summed across processes; no NaN check (it would read the
         # value back from the GPU at every batch: a diverged run is the DivergenceGuard's to catch).
         self.val_loss = MeanMetric(nan_strategy="disable")
@@ -144,11 +145,14 @@ class Classifier(L.LightningModule):
         images, labels = batch
         # The model's forward, not its compiled call: validation is short, and compiling for evaluation
         # (another graph, and another for the last, smaller batch) would cost more than it saves.
-        logits = tta_logits(self.model.forward, images, self.val_tta)
+        views = view_logits(self.model.forward, images, self.val_tta)
+        logits = views.mean(0)
         self.val_acc(logits, labels)
+        self.val_acc_plain(views[0], labels)  # free: the first view is the image itself
         self.val_loss(F.cross_entropy(logits, labels, reduction="none"))
         self.log("val_loss", self.val_loss, on_epoch=True, prog_bar=True)
         self.log("val_acc", self.val_acc, on_epoch=True, prog_bar=True)
+        self.log("val_acc_plain", self.val_acc_plain, on_epoch=True)
 
     def training_progress(self, step: int) -> float:
         """Fraction of training done, in [0, 1]: by steps towards max_epochs, or by wall time towards

@@ -111,6 +111,8 @@ def log_run_end(trainer, run_dir: Path):
     summary = {}
     if rows and rows[-1]["val_acc"]:
         summary["final_val_acc"] = float(rows[-1]["val_acc"])
+    if rows and rows[-1].get("val_acc_plain"):
+        summary["final_val_acc_plain"] = float(rows[-1]["val_acc_plain"])
     if scores:
         summary["best_val_acc"] = max(scores)
     files = [run_dir / "config.yaml"]
