@@ -167,6 +167,19 @@ def stop_at(images, run_dir, delay_s: float, ctrl_c: bool = False) -> dict:
             "last": last, "checkpoint": read_checkpoint(last) if last.is_file() else None}
 
 
+def stopped_one_way(outcome: dict, signum: signal.Signals, when: str):
+    """A stop's one way: 128 + the signal, one message from one process, a whole checkpoint of both
+    processes' state, no traceback, no process left behind."""
+    assert not outcome.get("hung"), f"{when}: hung"
+    where = f"{when}:\n{outcome['err'][-3000:]}"
+    assert outcome["code"] == 128 + signum, where
+    assert outcome["vitlab_lines"] == [STOP_LINE.format(signal=signum.name, last=outcome["last"])], where
+    assert "Traceback" not in outcome["err"], where
+    assert outcome["checkpoint"] is not None and outcome["checkpoint"]["global_step"] > 0, where
+    assert len(outcome["checkpoint"]["rng"]) == 2, where
+    assert outcome["others_gone"], where
+
+
 def test_sigterm_at_any_instant_stops_a_two_process_run_one_way(images, tmp_path):
     """SIGTERM to the launching process at 20 seeded instants (in steps, validations and checkpoint
     writes alike): every time exit 143, one message from one process, a whole checkpoint that the
@@ -176,14 +189,7 @@ def test_sigterm_at_any_instant_stops_a_two_process_run_one_way(images, tmp_path
     with ThreadPoolExecutor(2) as pool:
         outcomes = list(pool.map(lambda i: stop_at(images, tmp_path / f"run{i}", delays[i]), range(len(delays))))
     for delay, outcome in zip(delays, outcomes):
-        assert not outcome.get("hung"), f"SIGTERM {delay:.2f} s after the first checkpoint: hung"
-        where = f"SIGTERM {delay:.2f} s after the first checkpoint:\n{outcome['err'][-3000:]}"
-        assert outcome["code"] == 128 + signal.SIGTERM, where
-        assert outcome["vitlab_lines"] == [STOP_LINE.format(signal="SIGTERM", last=outcome["last"])], where
-        assert "Traceback" not in outcome["err"], where
-        assert outcome["checkpoint"] is not None and outcome["checkpoint"]["global_step"] > 0, where
-        assert len(outcome["checkpoint"]["rng"]) == 2, where
-        assert outcome["others_gone"], where
+        stopped_one_way(outcome, signal.SIGTERM, f"SIGTERM {delay:.2f} s after the first checkpoint")
     # The last stopped run resumes where it stopped, and finishes.
     run_dir = tmp_path / f"run{len(delays) - 1}"
     stopped_at = outcomes[-1]["checkpoint"]["global_step"]
@@ -203,13 +209,7 @@ def test_ctrl_c_stops_a_two_process_run_one_way(images, tmp_path):
         outcomes = list(pool.map(lambda i: stop_at(images, tmp_path / f"run{i}", delays[i], ctrl_c=True),
                                  range(len(delays))))
     for delay, outcome in zip(delays, outcomes):
-        assert not outcome.get("hung"), f"Ctrl-C {delay:.2f} s after the first checkpoint: hung"
-        where = f"Ctrl-C {delay:.2f} s after the first checkpoint:\n{outcome['err'][-3000:]}"
-        assert outcome["code"] == 128 + signal.SIGINT, where
-        assert outcome["vitlab_lines"] == [STOP_LINE.format(signal="SIGINT", last=outcome["last"])], where
-        assert "Traceback" not in outcome["err"], where
-        assert outcome["checkpoint"] is not None and outcome["checkpoint"]["global_step"] > 0, where
-        assert outcome["others_gone"], where
+        stopped_one_way(outcome, signal.SIGINT, f"Ctrl-C {delay:.2f} s after the first checkpoint")
 
 
 @pytest.mark.parametrize("lost", [1, 0])
