@@ -196,6 +196,22 @@ def test_conv_tokenizer_needs_a_power_of_two_patch():
         ViTConfig(tokenizer="conv", patch_size=1, image_size=8)
 
 
+def test_conv_depth_adds_size_keeping_convolutions_per_stage():
+    torch.manual_seed(0)
+    one = ViT(ViTConfig(tokenizer="conv", patch_size=8, conv_channels=8, dim=32, depth=1, heads=2, num_classes=10))
+    two = ViT(ViTConfig(tokenizer="conv", patch_size=8, conv_channels=8, dim=32, depth=1, heads=2, num_classes=10,
+                        conv_depth=2))
+    convs = [m for m in two.patch_embed.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(3, 8), (8, 8), (8, 16), (16, 16), (16, 32), (32, 32)]
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in two.patch_embed.modules()) == 3  # still 32 -> 4
+    assert two.forward_features(torch.randn(2, 3, 32, 32)).shape == (2, 17, 32)
+    # The added convolutions work at the pooled size: 8*8*3*3 weights per output pixel at 16 x 16, ...
+    added = 2 * 9 * (8 * 8 * 16 * 16 + 16 * 16 * 8 * 8 + 32 * 32 * 4 * 4)
+    assert two.flops_per_image() - one.flops_per_image() == added
+    with pytest.raises(VitlabError, match="model.conv_depth must be 1 or more, not 0"):
+        ViTConfig(tokenizer="conv", patch_size=8, conv_depth=0)
+
+
 def test_dropout_has_nn_dropout_statistics_and_gradient():
     torch.manual_seed(0)
     drop = Dropout(0.3).train()

@@ -35,6 +35,7 @@ class ViTConfig:
     # probability drop_path * i / (depth - 1), timm's linear rule torch.linspace(0, drop_path, depth)
     tokenizer: str = "patch"  # patch: linear projection of patches | conv: small conv stem (CCT)
     conv_channels: int = 64  # width of the conv tokenizer's first stage (doubling per stage)
+    conv_depth: int = 1  # convolutions per stage of the conv tokenizer (the second one after the pooling, as airbench)
     pool: str = "cls"  # cls: classify the class token | attention: learned weighted mean of tokens
     init: str | None = None  # start from trained weights: a vitlab .ckpt/.safetensors, a timm state dict
     # (.safetensors/.pth) or timm:NAME; the head is made anew (see vitlab/pretrained.py)
@@ -51,6 +52,8 @@ class ViTConfig:
         if self.tokenizer == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
             raise VitlabError(f"the conv tokenizer halves the image per stage: patch_size {self.patch_size} "
                               f"must be a power of 2, at least 2")
+        if self.conv_depth < 1:
+            raise VitlabError(f"model.conv_depth must be 1 or more, not {self.conv_depth}")
         if self.pool not in ("cls", "attention"):
             raise VitlabError(f"pool must be cls or attention, not '{self.pool}'")
         if not 0 <= self.drop_path < 1:
@@ -79,7 +82,8 @@ class PatchEmbed(nn.Module):
 
 class ConvTokenizer(nn.Module):
     """A small convolutional stem (as in Compact Convolutional Transformers): log2(patch_size) stages
-    of conv3x3 -> max-pool 2x2 -> BatchNorm -> ReLU, so that each token sees overlapping context
+    of conv3x3 -> max-pool 2x2 -> BatchNorm -> ReLU (then conv_depth - 1 more conv3x3 -> BatchNorm ->
+    ReLU at the pooled size), so that each token sees overlapping context
     and the model gets a convolution's locality prior, which matters on small data sets.
     Pooling comes first (as in airbench), so normalisation and activation touch a quarter of the
     pixels (on a 2-core CPU 1.09x the compiled train steps of conv -> BN -> ReLU -> max-pool 3x3;
@@ -93,6 +97,8 @@ class ConvTokenizer(nn.Module):
         for c_in, c_out in zip(widths[:-1], widths[1:]):
             layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.MaxPool2d(2),
                        nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            for _ in range(config.conv_depth - 1):  # more convolutions at the pooled size: more conv compute per token
+                layers += [nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
