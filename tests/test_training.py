@@ -16,7 +16,7 @@ from vitlab import config as configs
 from vitlab.errors import VitlabError
 from vitlab.evaluation import tta_logits
 from vitlab.config import OptimConfig
-from vitlab.training.callbacks import RunClock, StopRequests
+from vitlab.training.callbacks import ProgressBar, RunClock, StopRequests
 from vitlab.training.module import Classifier, param_groups, warmup_cosine
 
 
@@ -718,3 +718,14 @@ def test_the_gpu_5min_preset_trains_in_fp32_on_a_cpu(tmp_path, monkeypatch):
     assert scores["none"]["loss"] != pytest.approx(float(rows[0]["val_loss"]), abs=1e-4)
     assert scores["none"]["accuracy"] == pytest.approx(float(rows[0]["val_acc_plain"]), abs=1e-6)
     assert run.plain_accuracy == pytest.approx(scores["none"]["accuracy"], abs=1e-6)
+
+
+@pytest.mark.parametrize("max_epochs, label", [(-1, "Epoch 3"), (10, "Epoch 3/9")])
+def test_progress_bar_counts_epochs_only_when_there_is_a_count(tmp_path, max_epochs, label):
+    # A run with only a time limit has max_epochs -1: Lightning's own bar says "Epoch 3/-2".
+    bar = ProgressBar()
+    trainer = L.Trainer(max_epochs=max_epochs, callbacks=[bar], default_root_dir=tmp_path,
+                        logger=L.pytorch.loggers.TensorBoardLogger(tmp_path), enable_checkpointing=False)
+    bar.setup(trainer, None, "fit")
+    assert bar._get_train_description(3).strip() == label
+    assert "v_num" not in bar.get_metrics(trainer, None)  # the loggers' version: one run per directory

@@ -7,6 +7,7 @@
   of training time, when training ends, and on a stop request. `BestCheckpoint` keeps best.ckpt,
   the best validation accuracy so far.
 - `DivergenceGuard` stops training at the first non-finite loss.
+- `ProgressBar` is Lightning's Rich bar, saying only what is true of a vitlab run.
 Checkpoints themselves are written and read by vitlab.io (write_checkpoint, read_checkpoint).
 """
 
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.callbacks import RichProgressBar, Timer
 
 from vitlab.errors import VitlabError
 from vitlab.io import atomic_open, free_space, metric_columns, read_metric_rows
@@ -331,3 +332,20 @@ class DivergenceGuard(L.Callback):
             good = f"the last good checkpoint is {self.last}" if self.last.is_file() else "no checkpoint was written"
             raise VitlabError(f"training diverged: the loss is not finite at step {step}; "
                               f"{good} (try a lower optim.lr or trainer.gradient_clip)")
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's Rich progress bar (one look whatever else is installed) without two misreadings:
+    a run with a time limit has no epoch count (Lightning's max_epochs -1, which its bar shows as
+    "Epoch 3/-2"), and a run directory holds one run, so the loggers' version ("v_num") means nothing."""
+
+    def _get_train_description(self, current_epoch: int) -> str:  # Lightning's hook for the bar's label
+        epochs = self.trainer.max_epochs
+        description = f"Epoch {current_epoch}" + (f"/{epochs - 1}" if epochs is not None and epochs > 0 else "")
+        # As Lightning pads it: the same width as the validation bar's label, so the bar does not jump.
+        return f"{description:{len(self.validation_description)}}"
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics

@@ -35,8 +35,8 @@ from vitlab.data.datamodule import ImageDataModule
 from vitlab.errors import VitlabError
 from vitlab.io import atomic_write, read_checkpoint, read_metric_rows, write_checkpoint
 from vitlab.pretrained import init_config, load_init, read_init
-from vitlab.training.callbacks import (BestCheckpoint, DivergenceGuard, LastCheckpoint, MetricsCSV, RunClock,
-                                       StopRequests)
+from vitlab.training.callbacks import (BestCheckpoint, DivergenceGuard, LastCheckpoint, MetricsCSV, ProgressBar,
+                                       RunClock, StopRequests)
 from vitlab.training.module import Classifier
 from vitlab.training.processes import launched_as_rank_zero, lost_process, watched, without_lightning_signals
 from vitlab.training.tracking import build_loggers, check_installed, log_run_end
@@ -105,6 +105,7 @@ def build_callbacks(config: RunConfig, run_dir: Path, resume: bool, stops: StopR
         clock,  # before those that act on what the processes agreed
         MetricsCSV(run_dir / "metrics.csv"),
         LearningRateMonitor(logging_interval="step"),
+        ProgressBar(),
     ]
     if t.ema_decay is not None:
         callbacks.append(EMAWeightAveraging(decay=t.ema_decay))
