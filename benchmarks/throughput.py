@@ -336,7 +336,7 @@ def main():
         builders = {"vitlab": ViT}
         if c.tokenizer == "patch" and c.pool == "cls":  # the plain ViT that timm and the tutorial build
             builders.update(timm=timm_vit, tutorial=TutorialViT)
-        if c.tokenizer == "conv":
+        if c.tokenizer == "conv" and c.conv_depth == 1:  # the stems differ in the order of one conv's stage
             builders["CCT-order stem"] = cct_stem_vit
         runs = [(k, False) for k in builders]
         if not args.no_compile:
