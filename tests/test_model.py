@@ -208,6 +208,8 @@ def test_conv_depth_adds_size_keeping_convolutions_per_stage():
     # The added convolutions work at the pooled size: 8*8*3*3 weights per output pixel at 16 x 16, ...
     added = 2 * 9 * (8 * 8 * 16 * 16 + 16 * 16 * 8 * 8 + 32 * 32 * 4 * 4)
     assert two.flops_per_image() - one.flops_per_image() == added
+    assert "conv tokenizer (2 convolutions per stage)" in two.describe()[0]
+    assert "conv tokenizer, patch 8" in one.describe()[0]
     with pytest.raises(VitlabError, match="model.conv_depth must be 1 or more, not 0"):
         ViTConfig(tokenizer="conv", patch_size=8, conv_depth=0)
 

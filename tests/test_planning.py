@@ -45,7 +45,7 @@ def test_every_shape_at_every_side_ends_at_16_tokens_and_a_larger_side_costs_lit
         assert flops[shape, 32] < flops[shape, 64] < flops[shape, 128] < 2 * flops[shape, 32]
     assert flops["large", 32] > flops["medium", 32] > flops["small", 32]
     assert rules.model_settings("large", 32) == {**rules.model_settings("large", 32), "dim": 256, "depth": 4,
-                                                  "conv_channels": 64, "patch_size": 8}  # cpu-hour's model
+                                                  "conv_channels": 64, "patch_size": 8}  # the earlier cpu-hour model
 
 
 def test_resolutions_never_exceed_the_images_own_side():

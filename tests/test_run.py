@@ -64,7 +64,7 @@ def test_info_of_a_preset_imports_no_lightning():
     code = ("import sys; from vitlab.cli import main; main(['info', '--preset', 'cpu-hour']); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'litdata')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
-    assert "preset cpu-hour: ViT dim 256" in out
+    assert "preset cpu-hour: ViT dim 256, depth 1" in out
     assert out.strip().splitlines()[-1] == "[]"
 
 

@@ -317,7 +317,9 @@ class ViT(nn.Module):
     def describe(self) -> list[str]:
         """What the model is, for people: its shape, parameters and forward FLOPs per image."""
         c = self.config
-        return [f"ViT dim {c.dim}, depth {c.depth}, heads {c.heads}, {c.tokenizer} tokenizer, patch {c.patch_size}, "
+        tokenizer = f"{c.tokenizer} tokenizer" + (f" ({c.conv_depth} convolutions per stage)" if c.tokenizer == "conv"
+                                                  and c.conv_depth > 1 else "")
+        return [f"ViT dim {c.dim}, depth {c.depth}, heads {c.heads}, {tokenizer}, patch {c.patch_size}, "
                 f"{c.pool} pooling, image {c.image_size}, {c.num_patches} tokens, {c.num_classes} classes",
                 f"parameters: {self.num_parameters():,}",
                 f"forward FLOPs per image: {self.flops_per_image() / 1e9:.3f} GFLOP"]
