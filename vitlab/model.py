@@ -97,8 +97,9 @@ class ConvTokenizer(nn.Module):
         for c_in, c_out in zip(widths[:-1], widths[1:]):
             layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.MaxPool2d(2),
                        nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-            for _ in range(config.conv_depth - 1):  # more convolutions at the pooled size: more conv compute per token
-                layers += [nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            for _ in range(config.conv_depth - 1):  # more convolution at the pooled size, as airbench's blocks
+                layers += [nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                           nn.ReLU(inplace=True)]
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -317,8 +318,8 @@ class ViT(nn.Module):
     def describe(self) -> list[str]:
         """What the model is, for people: its shape, parameters and forward FLOPs per image."""
         c = self.config
-        tokenizer = f"{c.tokenizer} tokenizer" + (f" ({c.conv_depth} convolutions per stage)" if c.tokenizer == "conv"
-                                                  and c.conv_depth > 1 else "")
+        stages = f" ({c.conv_depth} convolutions per stage)" if c.tokenizer == "conv" and c.conv_depth > 1 else ""
+        tokenizer = f"{c.tokenizer} tokenizer{stages}"
         return [f"ViT dim {c.dim}, depth {c.depth}, heads {c.heads}, {tokenizer}, patch {c.patch_size}, "
                 f"{c.pool} pooling, image {c.image_size}, {c.num_patches} tokens, {c.num_classes} classes",
                 f"parameters: {self.num_parameters():,}",

@@ -25,7 +25,8 @@ from vitlab.model import ViT, ViTConfig
 
 HEAD = ("head.weight", "head.bias")
 # What a vitlab checkpoint fixes about the model: the rest (image size, classes) is the new task's.
-ARCHITECTURE = ("patch_size", "in_channels", "dim", "depth", "heads", "mlp_ratio", "tokenizer", "conv_channels", "conv_depth", "pool")
+ARCHITECTURE = ("patch_size", "in_channels", "dim", "depth", "heads", "mlp_ratio", "tokenizer", "conv_channels",
+                "conv_depth", "pool")
 
 
 def read_init(spec: str) -> tuple[dict[str, torch.Tensor], ViTConfig | None]:
