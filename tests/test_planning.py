@@ -9,7 +9,7 @@ import yaml
 from PIL import Image
 
 from vitlab import load_model
-from vitlab.config import DataConfig
+from vitlab.config import DataConfig, preset_values
 from vitlab.data.sources import DataSummary, open_source
 from vitlab.errors import VitlabError
 from vitlab.export import model_card
@@ -44,8 +44,8 @@ def test_every_shape_at_every_side_ends_at_16_tokens_and_a_larger_side_costs_lit
         # One more conv stage per doubling, the first narrower: 16 times the pixels, under 2x the FLOPs.
         assert flops[shape, 32] < flops[shape, 64] < flops[shape, 128] < 2 * flops[shape, 32]
     assert flops["large", 32] > flops["medium", 32] > flops["small", 32]
-    assert rules.model_settings("large", 32) == {**rules.model_settings("large", 32), "dim": 256, "depth": 4,
-                                                  "conv_channels": 64, "patch_size": 8}  # the earlier cpu-hour model
+    # "large" at 32 px is cpu-hour's model.
+    assert rules.model_settings("large", 32) == {**rules.model_settings("large", 32), **preset_values("cpu-hour")["model"]}
 
 
 def test_resolutions_never_exceed_the_images_own_side():
@@ -56,16 +56,27 @@ def test_resolutions_never_exceed_the_images_own_side():
 
 def test_the_largest_side_then_the_largest_shape_that_gets_its_epochs():
     n_train = 45_000
-    assert rules.TARGET_EPOCHS == 20
-    # 60 minutes: the large model does 380 images/s -> 27 epochs >= 20: chosen, nothing smaller looked at.
-    speed, looked_at = fixed_speeds({("large", 32): 380.0, ("medium", 32): 700.0, ("small", 32): 1500.0})
-    choice, why = rules.choose_model([32], speed, n_train, 3600, None)
+    assert rules.TARGET_EPOCHS == 15
+    # 60 minutes: the large model does 380 images/s -> 27 epochs >= 15: chosen, nothing smaller looked at.
+    speed, looked_at = fixed_speeds({("large", 32): 380.0, ("medium", 32): 700.0, ("small", 32): 1100.0})
+    choice, why = rules.choose_model([32], speed, n_train, 128, 3600, None)
     assert (choice.shape, choice.side, round(choice.epochs)) == ("large", 32, 27) and looked_at == [("large", 32)]
-    # 10 minutes: large 4.6 epochs, medium 8.4, small 18: none reaches 20, so the one that trains most.
-    choice, why = rules.choose_model([32], speed, n_train, 600, None)
-    assert choice.shape == "small" and "none reaches 20 epochs" in why[-1] and len(why) == 4
+    # 30 minutes: large 13.7 epochs, medium 25: the medium model.
+    choice, why = rules.choose_model([32], speed, n_train, 128, 1800, None)
+    assert (choice.shape, round(choice.epochs)) == ("medium", 25) and "the first to reach 15 epochs" in why[-1]
+    # 10 minutes: large 4.6 epochs, medium 8.4, small 13.2: none reaches 15, so the one that trains most.
+    choice, why = rules.choose_model([32], speed, n_train, 128, 600, None)
+    assert choice.shape == "small" and "none reaches 15 epochs" in why[-1] and len(why) == 4
+    # A small set wants its 1,000 steps: flowers' 2,744 training images, 47 epochs. The large model at
+    # 128 px gets 16 in 10 minutes, at 64 px 53: the larger side gives way.
+    assert rules.target_epochs(45_000, 128) == 15 and round(rules.target_epochs(2_744, 128)) == 47
+    speed, looked_at = fixed_speeds({("large", 128): 83.0, ("medium", 128): 130.0, ("small", 128): 230.0,
+                                     ("large", 64): 270.0})
+    choice, why = rules.choose_model([128, 64, 32], speed, 2_744, 128, 600, None)
+    assert (choice.shape, choice.side) == ("large", 64) and "the first to reach 47 epochs" in why[-1]
     # An epoch budget: the large model at the largest side.
-    choice, _ = rules.choose_model([64, 32], speed_64 := (lambda shape, side: 100.0), n_train, None, 30)
+    choice, _ = rules.choose_model([64, 32], speed_64 := (lambda shape, side: 100.0), n_train, 128,
+                                    None, 30)
     assert (choice.shape, choice.side, choice.epochs) == ("large", 64, None)
     del speed_64
 
@@ -135,26 +146,27 @@ def test_a_plan_sets_every_choice_and_fits_the_budget(tmp_path):
 
     def speed(config, batch_size):
         speeds[config.image_size, config.dim] = batch_size
-        return 30.0  # images/s, whatever the model
+        return 2000.0  # images/s, whatever the model
 
     data = DataConfig(source=f"folder:{root}", val_fraction=0.25)
     plan = make_plan(data, "00:01:00", None, "cpu", speed=speed)
-    # 45 training images, 30 images/s (a minute: not worth compiling) for 54 s = 36 epochs >= 20: the
-    # large model at the largest side (64 px), the first candidate, nothing else measured.
+    # 45 training images in batches of 64 want 1,000 steps: 1,422 epochs. 2,000 images/s (a minute: not
+    # worth compiling) for 54 s buy 2,400: the large model at the largest side (64 px), the first
+    # candidate, nothing else measured.
     assert plan.summary.images == 60 and plan.summary.side == 64
     assert speeds == {(64, 256): 64}
-    assert plan.choice.side == 64 and plan.choice.epochs == pytest.approx(54 * 30 / 45)
-    # Ten seconds buy 6 epochs of anything: every candidate measured, the first of those that train most.
+    assert plan.choice.side == 64 and plan.choice.epochs == pytest.approx(54 * 2000 / 45)
+    # Ten seconds buy 400 epochs of anything: every candidate measured, the first of those that train most.
     speeds.clear()
     short = make_plan(data, "00:00:10", None, "cpu", speed=speed)
     assert set(speeds) == {(64, 256), (64, 192), (64, 128), (32, 256), (32, 192), (32, 128)}
-    assert (short.choice.shape, short.choice.side) == ("large", 64) and "none reaches 20 epochs" in short.why[-1]
+    assert (short.choice.shape, short.choice.side) == ("large", 64) and "none reaches 1422 epochs" in short.why[-1]
     assert plan.settings["trainer"]["compile"] is False
     assert plan.settings["model"]["image_size"] == 64 and plan.settings["data"]["batch_size"] == 64
     assert plan.settings["data"]["randaugment_ops"] == 2  # 15 images per class
     assert plan.settings["trainer"] == {**plan.settings["trainer"], "max_time": "00:01:00", "max_epochs": None}
     lines = "\n".join(plan.lines())
-    assert "60 images, 3 classes" in lines and "64 px" in lines and "30 training images/s" in lines
+    assert "60 images, 3 classes" in lines and "64 px" in lines and "2,000 training images/s" in lines
     assert any("model.init=" in n for n in plan.notes)
 
 

@@ -57,7 +57,7 @@ class Plan:
             f"{s.smallest_class if s.smallest_class is not None else '?'}), typically {s.side} px{grey}",
             f"resolution: {c.side} px (sides up to the images' own tried, largest first)",
             f"model: {c.shape}, dim {m['dim']}, depth {m['depth']}, {m['heads']} heads, conv tokenizer "
-            f"({m['patch_size'].bit_length() - 1} stages) -> 16 tokens; "
+            f"({m['patch_size'].bit_length() - 1} stages of {m['conv_depth']} convolutions) -> 16 tokens; "
             f"{model.num_parameters():,} parameters, {model.flops_per_image() / 1e9:.3f} GFLOP per image",
             f"speed: {c.images_per_s:,.0f} training images/s measured on {self.device}{counted} -> {epochs} "
             f"(planning took {self.planning_s:.0f} s)",
@@ -115,8 +115,8 @@ def make_plan(data: DataConfig, max_time: str | None, max_epochs: int | None, ac
     expected_s = seconds if seconds is not None else max_epochs * n_train / eager_speed(rules.SHAPES[0][0], sides[0])
     compiled = rules.compiles(expected_s, on_gpu)
     gain = COMPILE_GAIN if compiled and not on_gpu else 1.0
-    choice, why = rules.choose_model(sides, lambda shape, side: eager_speed(shape, side) * gain, n_train, seconds,
-                                     max_epochs)
+    choice, why = rules.choose_model(sides, lambda shape, side: eager_speed(shape, side) * gain, n_train, batch,
+                                     seconds, max_epochs)
     speeds = {f"{shape} at {side} px": round(ips * gain, 1) for (shape, side), ips in eager.items()}
     settings = {
         "model": rules.model_settings(choice.shape, choice.side, channels),

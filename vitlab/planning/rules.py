@@ -2,8 +2,8 @@
 budget and the measured training speed of candidate models to a run's settings. No training, no
 search: the numbers below come from the runs in docs/experiments.md ("Planned runs"), which say why.
 
-The candidates are one family, the earlier `cpu-hour` model's (a conv tokenizer, attention pooling): three
-widths, at the resolutions the images have. Whatever the resolution, the tokenizer ends at 4 x 4
+The candidates are one family, `cpu-hour`'s model (a conv tokenizer of two 3x3 convolutions per stage,
+one transformer block, attention pooling): three widths, at the resolutions the images have. Whatever the resolution, the tokenizer ends at 4 x 4
 tokens (one conv stage more per doubling of the side, each stage halving it) and its first stage is
 narrower in proportion, so a larger image costs little more than a small one (16 times the pixels
 at 128 px, 1.6-1.8 times the FLOPs of 32 px): what a larger image adds is detail, in the convolutions.
@@ -17,9 +17,11 @@ from typing import Callable
 from vitlab.data.sources import DataSummary
 
 # The model ladder, largest first: (name, dim, depth, heads, first conv stage's channels at 32 px).
-# "large" is cpu-hour's model before it moved to two convolutions per stage and one block (issue 20:
-# the ladder has not been measured that way yet). All: MLP ratio 2, attention pooling, 16 tokens.
-SHAPES = [("large", 256, 4, 4, 64), ("medium", 192, 3, 3, 48), ("small", 128, 2, 2, 32)]
+# "large" is cpu-hour's model; each step down narrows every layer by a quarter and halves the FLOPs
+# (153, 87, 39 MFLOP per image at 32 px). All: two convolutions per tokenizer stage, MLP ratio 2,
+# attention pooling, 16 tokens.
+SHAPES = [("large", 256, 1, 4, 64), ("medium", 192, 1, 3, 48), ("small", 128, 1, 2, 32)]
+CONV_DEPTH = 2
 GRID = 4  # tokens per side at every resolution
 RESOLUTIONS = (32, 64, 128)  # the sides a plan may train at: powers of 2 (the conv tokenizer halves the side)
 USABLE = 0.9  # of a time budget, the part that trains (the rest: start-up, compiling, validations)
@@ -29,7 +31,7 @@ def model_settings(shape: str, side: int, in_channels: int = 3) -> dict:
     """The model.* settings of a ladder shape at a training resolution (side x side pixels)."""
     name, dim, depth, heads, conv = next(s for s in SHAPES if s[0] == shape)
     return {"image_size": side, "patch_size": side // GRID, "in_channels": in_channels, "tokenizer": "conv",
-            "conv_channels": max(8, conv * 32 // side), "dim": dim, "depth": depth, "heads": heads,
+            "conv_channels": max(8, conv * 32 // side), "conv_depth": CONV_DEPTH, "dim": dim, "depth": depth, "heads": heads,
             "mlp_ratio": 2.0, "pool": "attention"}
 
 
@@ -43,12 +45,21 @@ def train_images(summary: DataSummary, val_fraction: float) -> int:
     return summary.images - round(summary.images * val_fraction)
 
 
-# How many epochs a model should get before a larger model or image is worth its cost, whatever
-# the data set's size (docs/experiments.md, "Planned runs"). CIFAR-10 at 10 minutes: the small model's
-# 14 epochs beat the medium's 8 and the large's 4.5 (80.9 / 79.2 / 75.7%); at 60 minutes the large
-# model's 26 epochs give 86.2%. Flowers (2,744 training images) at 10 minutes: 24 epochs at 128 px,
-# 41 at 64 and 70 at 32 all gave 73-74%: a small set needs no more epochs than a large one.
-TARGET_EPOCHS = 20
+# How much training a model should get before a larger model or image is worth its cost
+# (docs/experiments.md, "Planned runs"): 15 epochs, and at least 1,000 optimiser steps.
+# CIFAR-10 (45,000 training images, 350 steps an epoch): in 10 minutes the small model's 10.5 epochs
+# gave 82.3% (flip-shift TTA) against the large one's 3.6 epochs' 79.6%; in 30 minutes the medium
+# model's 18 epochs 87.4% against the large one's 11 epochs' 86.1%; the large one's 22 in 60
+# minutes 88.7%. Flowers (2,744 training images, 21 steps an epoch): 15 epochs of the large model at
+# 128 px, 315 steps, gave 68%, while 36-70 epochs (750-1,500 steps) at 32-64 px gave 73-74%: a small
+# set needs more epochs, as many as give the optimiser its 1,000 steps.
+TARGET_EPOCHS = 15
+MIN_STEPS = 1000
+
+
+def target_epochs(n_train: int, batch: int) -> float:
+    """The epochs a plan wants: TARGET_EPOCHS, or more where those are under MIN_STEPS steps."""
+    return max(TARGET_EPOCHS, MIN_STEPS * batch / n_train)
 
 
 @dataclass(frozen=True)
@@ -59,12 +70,12 @@ class ModelChoice:
     epochs: float | None  # what the time budget buys; None with an epoch budget
 
 
-def choose_model(sides: list[int], speed: Callable[[str, int], float], n_train: int,
+def choose_model(sides: list[int], speed: Callable[[str, int], float], n_train: int, batch: int,
                  seconds: float | None, epochs: int | None) -> tuple[ModelChoice, list[str]]:
-    """The largest image side, then the largest shape, that still gets TARGET_EPOCHS in the time
+    """The largest image side, then the largest shape, that still gets target_epochs() in the time
     budget `seconds` (speed(shape, side): measured training images/s); without one, `epochs` of the
     large shape at the largest side. Returns the choice and why, in a line per candidate looked at."""
-    target = TARGET_EPOCHS
+    target = target_epochs(n_train, batch)
     why = []
     if seconds is None:
         shape, side = SHAPES[0][0], sides[0]
