@@ -24,7 +24,8 @@ from vitlab.training.run import default_precision
 
 # Compiled training steps per eager one on the 2-core CPU, measured on the earlier ladder's large model
 # (benchmarks/throughput.py: 380 / 322 images/s); with it, the plans of cpu-hour's family trained within
-# about 7% of the epochs they expected (docs/experiments.md, "Planned runs"). The probe runs eager; a planned run compiles when it is long enough (rules.compiles).
+# about 7% of the epochs they expected (docs/experiments.md, "Planned runs"). The probe runs eager; a
+# planned run compiles when it is long enough (rules.compiles).
 # On a GPU the gain is larger and not measured here: the plan counts the eager speed there, which
 # errs towards fewer epochs than the run will get.
 COMPILE_GAIN = 1.18

@@ -2,11 +2,12 @@
 budget and the measured training speed of candidate models to a run's settings. No training, no
 search: the numbers below come from the runs in docs/experiments.md ("Planned runs"), which say why.
 
-The candidates are one family, `cpu-hour`'s model (a conv tokenizer of two 3x3 convolutions per stage,
-one transformer block, attention pooling): three widths, at the resolutions the images have. Whatever the resolution, the tokenizer ends at 4 x 4
-tokens (one conv stage more per doubling of the side, each stage halving it) and its first stage is
-narrower in proportion, so a larger image costs little more than a small one (16 times the pixels
-at 128 px, 1.6-1.8 times the FLOPs of 32 px): what a larger image adds is detail, in the convolutions.
+The candidates are one family, `cpu-hour`'s model (a conv tokenizer of two 3x3 convolutions per
+stage, one transformer block, attention pooling): three widths, at the resolutions the images have.
+Whatever the resolution, the tokenizer ends at 4 x 4 tokens (one conv stage more per doubling of
+the side, each stage halving it) and its first stage is narrower in proportion, so a larger image
+costs little more than a small one (16 times the pixels at 128 px, 1.8-1.9 times the FLOPs of
+32 px): what a larger image adds is detail, in the convolutions.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from typing import Callable
 from vitlab.data.sources import DataSummary
 
 # The model ladder, largest first: (name, dim, depth, heads, first conv stage's channels at 32 px).
-# "large" is cpu-hour's model; each step down narrows every layer by a quarter and halves the FLOPs
-# (153, 87, 39 MFLOP per image at 32 px). All: two convolutions per tokenizer stage, MLP ratio 2,
-# attention pooling, 16 tokens.
+# "large" is cpu-hour's model; each step down narrows every layer (by a quarter, then a third) and
+# about halves the FLOPs (153, 87, 39 MFLOP per image at 32 px). All: two convolutions per
+# tokenizer stage, MLP ratio 2, attention pooling, 16 tokens.
 SHAPES = [("large", 256, 1, 4, 64), ("medium", 192, 1, 3, 48), ("small", 128, 1, 2, 32)]
 CONV_DEPTH = 2
 GRID = 4  # tokens per side at every resolution
@@ -31,8 +32,8 @@ def model_settings(shape: str, side: int, in_channels: int = 3) -> dict:
     """The model.* settings of a ladder shape at a training resolution (side x side pixels)."""
     name, dim, depth, heads, conv = next(s for s in SHAPES if s[0] == shape)
     return {"image_size": side, "patch_size": side // GRID, "in_channels": in_channels, "tokenizer": "conv",
-            "conv_channels": max(8, conv * 32 // side), "conv_depth": CONV_DEPTH, "dim": dim, "depth": depth, "heads": heads,
-            "mlp_ratio": 2.0, "pool": "attention"}
+            "conv_channels": max(8, conv * 32 // side), "conv_depth": CONV_DEPTH, "dim": dim, "depth": depth,
+            "heads": heads, "mlp_ratio": 2.0, "pool": "attention"}
 
 
 def resolutions(summary: DataSummary) -> list[int]:
