@@ -92,6 +92,22 @@ def test_folder_loading_resizes_any_mode_and_caches(tmp_path, monkeypatch):
     assert len(load_image_folder(root, 16, cache)) == 12
 
 
+def test_the_decode_cache_is_per_resolution(tmp_path, monkeypatch):
+    # A plan may train one folder at 32, 64 or 128 px: each side has its own cache, and each is reused.
+    root = write_image_folder(tmp_path / "imgs", per_class=2, size=64)
+    cache = tmp_path / "cache"
+    small, large = load_image_folder(root, 32, cache), load_image_folder(root, 64, cache)
+    assert small.images.shape[-2:] == (32, 32) and large.images.shape[-2:] == (64, 64)
+    assert len(list(cache.glob("*.pt"))) == 2
+
+    def no_decoding(*args):
+        raise AssertionError("decoded again despite the cache")
+
+    monkeypatch.setattr(image_files, "read_image", no_decoding)
+    assert torch.equal(load_image_folder(root, 32, cache).images, small.images)
+    assert torch.equal(load_image_folder(root, 64, cache).images, large.images)
+
+
 def test_folder_errors_name_the_problem(tmp_path):
     cache = tmp_path / "cache"
     with pytest.raises(VitlabError, match="does not exist"):

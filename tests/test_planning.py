@@ -8,7 +8,7 @@ import torch
 import yaml
 from PIL import Image
 
-from vitlab import load_model
+from vitlab import config as configs, load_model
 from vitlab.config import DataConfig, preset_values
 from vitlab.data.sources import DataSummary, open_source
 from vitlab.errors import VitlabError
@@ -87,12 +87,15 @@ def test_small_data_sets_get_randaugment_and_smaller_batches():
     assert rules.augmentation(549)["randaugment_ops"] == 2
     assert rules.batch_size(45_000) == 128 and rules.batch_size(1_000) == 64
     assert rules.validation_interval(27) == 14 and rules.validation_interval(2) == 1
+    # Once halfway, never twice before the end: 10.5 expected epochs validate at 6 (and the end).
+    assert rules.validation_interval(10.5) == 6 and rules.validation_interval(23) == 12
 
 
 def test_notes_recommend_fine_tuning_for_few_images_and_say_how_non_square_images_are_cut():
     few = DataSummary(60, 3, 12, side=300, aspect=1.33, grayscale=False)
     notes = rules.notes(few)
-    assert any("model.init=" in n for n in notes) and any("centre-cropped" in n for n in notes)
+    assert any("--preset finetune" in n and "model.init=" in n for n in notes)
+    assert any("centre-cropped" in n for n in notes)
     assert rules.notes(CIFAR) == []
 
 
@@ -108,6 +111,18 @@ def test_a_folder_summary_reads_counts_sizes_and_channels_from_headers(tmp_path)
     (grey / "a").mkdir(parents=True)
     Image.new("L", (40, 40), 128).save(grey / "a" / "0.png")
     assert open_source(DataConfig(source=f"folder:{grey}"), 32).summary().grayscale
+
+
+def test_a_folder_with_a_sibling_val_folder_trains_on_every_image(tmp_path):
+    # The held-out fraction is not taken from it, so the plan counts every image as training.
+    for part in ("train", "val"):
+        (tmp_path / part / "a").mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (32, 32), (i * 40, 0, 0)).save(tmp_path / part / "a" / f"{i}.png")
+    summary = open_source(DataConfig(source=f"folder:{tmp_path / 'train'}"), 32).summary()
+    assert summary.validation_apart and rules.train_images(summary, 0.1) == 4
+    alone = open_source(DataConfig(source=f"folder:{tmp_path / 'val'}"), 32).summary()
+    assert not alone.validation_apart and rules.train_images(alone, 0.25) == 3
 
 
 def test_a_folder_summary_looks_at_every_class_and_checks_what_it_is_given(tmp_path):
@@ -229,6 +244,21 @@ def test_key_value_goes_on_top_of_the_plan_and_devices_are_refused(tmp_path, cap
     assert code == 1 and "a planned run trains in one process" in err
     code, _, err = run_cli(capsys, "train", "--data", f"folder:{root}", "--run-dir", tmp_path / "run3")
     assert code == 1 and "a planned run needs a budget" in err
+    # The seed, where the data is or what trains are no choice of recipe: still planned. Any other
+    # key=value without a preset starts from vitlab's defaults, and says so.
+    code, _, err = run_cli(capsys, "train", "--data", f"folder:{root}", "--run-dir", tmp_path / "run4", "trainer.seed=1")
+    assert code == 1 and "a planned run needs a budget" in err
+    code, _, err = run_cli(capsys, "train", "--data", f"folder:{root}", "--run-dir", tmp_path / "run5", "model.depth=1",
+                           "trainer.max_epochs=null")
+    assert code == 1 and "vitlab's defaults with the key=value settings on top" in err
+    assert "training needs a limit" in err
+    # info prints a plan without training, and its every setting as key=value to train it elsewhere.
+    code, out, _ = run_cli(capsys, "info", "--preset", "auto", "--data", f"folder:{root}", "--max-epochs", "1")
+    assert code == 0 and "plan:" in out
+    line = next(line for line in out.splitlines() if line.strip().startswith("as key=value:"))
+    settings = configs.resolve(overrides=dict(configs.parse_override(t) for t in line.split(":", 1)[1].split()))
+    assert settings.model.tokenizer == "conv" and settings.trainer.val_tta == "flip-shift"
+    assert settings.trainer.max_epochs == 1 and settings.trainer.max_time is None
 
 
 def test_a_grey_folder_plans_and_trains_a_one_channel_model_that_reads_any_image(tmp_path, capsys, monkeypatch):
@@ -292,3 +322,18 @@ def test_a_folder_of_mixed_sizes_and_aspect_ratios_plans_and_trains(tmp_path, ca
     code, out, err = run_cli(capsys, "predict", "--checkpoint", run_dir / "checkpoints" / "last.ckpt", "--json",
                              root / "red" / "3.png")
     assert code == 0 and json.loads(out)["top"][0]["class"] in ("red", "blue")
+
+
+def test_a_time_budget_plans_the_epochs_it_buys_and_trains_for_that_time(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("vitlab.planning.plan.PROBE_SECONDS", 0.01)
+    root = write_image_folder(tmp_path / "images", per_class=12)
+    run_dir = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--data", f"folder:{root}", "--val-fraction", "0.25", "--accelerator",
+                           "cpu", "--max-time", "00:00:05", "--run-dir", run_dir, f"data.cache_dir={tmp_path / 'cache'}")
+    assert code == 0, err
+    # 27 training images want 1,000 steps: no candidate gets them in 5 s, so the one that trains most.
+    assert "epochs in 00:00:05" in err and "none reaches" in err
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["trainer"]["max_time"] == "00:00:05" and saved["trainer"]["max_epochs"] is None
+    assert saved["trainer"]["compile"] is False  # 5 s would not repay compiling
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()

@@ -70,7 +70,9 @@ def train(preset: str | None = None, data: str | None = None, *, config: str | P
     none: only max_epochs and max_time may change; a run that has not begun yet is started).
     The config is resolved as: defaults -> preset -> config file -> data / max_epochs / max_time /
     seed -> overrides ({"section.key": value}). With preset "auto", or with no preset, config file
-    or overrides, the run is planned (vitlab.planning): the plan's settings take the preset's place."""
+    or override of a recipe setting (configs.NOT_RECIPE are none), the run is planned
+    (vitlab.planning): the plan's settings take the preset's place."""
+    from vitlab.training.processes import launched_as_rank_zero
     from vitlab.training.run import train as train_run
 
     flags = {"data": {"source": data},
@@ -84,7 +86,8 @@ def train(preset: str | None = None, data: str | None = None, *, config: str | P
         # --resume expects the run to start.
         print(f"{run_dir} holds no run yet: starting it", file=sys.stderr)
         resume, saved = False, None
-    planned = preset == "auto" or (preset is None and config is None and not overrides)
+    chosen = preset is not None or config is not None or any(k not in configs.NOT_RECIPE for k in overrides or {})
+    planned = preset == "auto" or not chosen
     plan = None
     if saved is not None:  # a planned run's config.yaml holds its plan's settings: never planned again
         run_config = configs.resolve_resume(configs.load(saved), None if planned else preset, config, flags,
@@ -95,6 +98,9 @@ def train(preset: str | None = None, data: str | None = None, *, config: str | P
         run_config = configs.resolve(None, config, flags, overrides, base=base)
     else:
         run_config = configs.resolve(preset, config, flags, overrides)
+        if preset is None and config is None and launched_as_rank_zero():  # said once the settings are valid
+            print("no preset or config file: vitlab's defaults with the key=value settings on top (--preset auto "
+                  "plans the run instead)", file=sys.stderr)
     name = "auto" if planned else preset or "run"
     run_dir = Path(run_dir) if run_dir else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     train_run(run_config, run_dir, resume=resume, plan=plan.record() if plan else None)

@@ -136,10 +136,7 @@ def cmd_train(args):
     overrides.update({f"trainer.{k}": v for k in ("accelerator", "devices", "num_nodes")
                       if (v := getattr(args, k)) is not None})
     overrides.update(configs.parse_override(text) for text in args.overrides)
-    # Nothing chosen (no preset, config file or key=value; flags such as --val-fraction are no choice
-    # of recipe): the run is planned, as --preset auto.
-    preset = args.preset or ("auto" if args.config is None and not args.overrides else None)
-    run = train(preset, args.data, config=args.config, max_epochs=args.max_epochs, max_time=args.max_time,
+    run = train(args.preset, args.data, config=args.config, max_epochs=args.max_epochs, max_time=args.max_time,
                 run_dir=args.run_dir, seed=args.seed, resume=args.resume, overrides=overrides)
     tta = f" with {run.config.trainer.val_tta} TTA" if run.config.trainer.val_tta != "none" else ""
     accuracy = f", held-out accuracy{tta} {100 * run.accuracy:.2f}%" if run.accuracy is not None else ""
@@ -225,7 +222,13 @@ def cmd_info(args):
             raise VitlabError("info --preset auto needs --data (and --max-time or --max-epochs): the plan is made for them")
         data = configs.resolve(flags={"data": {"source": args.data, **({"val_fraction": args.val_fraction}
                                                                        if args.val_fraction is not None else {})}}).data
-        print("plan:", *make_plan(data, args.max_time, args.max_epochs).lines(), sep="\n  ")
+        plan = make_plan(data, args.max_time, args.max_epochs)
+        print("plan:", *plan.lines(), sep="\n  ")
+        # Every setting, as the key=value that trains it elsewhere (e.g. with --devices: a planned
+        # run trains in one process).
+        text = {None: "null", True: "true", False: "false"}
+        print("  as key=value:", *(f"{k}={text.get(v, v) if isinstance(v, (bool, type(None))) else v}"
+                                   for k, v in configs.flatten(plan.settings).items()))
         return
     if args.checkpoint:
         model, what = load_model(args.checkpoint), str(args.checkpoint)

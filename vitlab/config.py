@@ -315,6 +315,15 @@ def resolve(preset: str | None = None, config_file: Path | None = None, flags: d
     return config
 
 
+# Settings that say where the data is, what trains and where the run is tracked, not how it trains:
+# given alone (no preset or config file) they leave a run planned (vitlab.planning), as the flags
+# that set them (--val-fraction, --seed, --accelerator, ...) do.
+NOT_RECIPE = ("data.source", "data.root", "data.cache_dir", "data.val_fraction", "data.split_seed",
+              "data.skip_bad_images", "data.num_workers", "data.shard_cache_size", "trainer.seed",
+              "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.loggers",
+              "trainer.experiment", "trainer.mlflow_uri", "trainer.checkpoint_every")
+
+
 # What a resumed run may change: its length. Everything else must be what the run was started with.
 RESUMABLE_CHANGES = ("trainer.max_epochs", "trainer.max_time")
 

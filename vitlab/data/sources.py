@@ -46,6 +46,7 @@ class DataSummary:
     side: int  # the images' typical (median) shorter side, in pixels
     aspect: float  # their typical longer / shorter side
     grayscale: bool  # every image looked at has one channel
+    validation_apart: bool = False  # validated on a separate set (a folder's sibling val/): every image trains
 
     @property
     def per_class(self) -> float:
@@ -159,11 +160,15 @@ class Folder(Source):
     def images(self) -> ImageSet:
         return self.load(self.path)
 
-    def validation_images(self, classes: list[str]) -> ImageSet | None:
+    @property
+    def validation_folder(self) -> Path | None:
+        """The sibling val/ folder that validates this one's training, if there is one."""
         sibling = self.path.resolve().parent / "val"
-        if self.path.resolve().name == "val" or not sibling.is_dir():
-            return None
-        return align_classes(self.load(sibling), classes, f"data folder {sibling}")
+        return sibling if self.path.resolve().name != "val" and sibling.is_dir() else None
+
+    def validation_images(self, classes: list[str]) -> ImageSet | None:
+        sibling = self.validation_folder
+        return None if sibling is None else align_classes(self.load(sibling), classes, f"data folder {sibling}")
 
     def summary(self) -> DataSummary:
         """Counted from the listing; sizes and channels from the headers of up to SUMMARY_SAMPLE files
@@ -190,7 +195,8 @@ class Folder(Source):
             raise VitlabError(f"data folder {self.path}: none of the {len(looked_at)} "
                               f"images looked at could be read")
         return DataSummary(len(samples), len(classes), min(counts), side=sorted(shorter)[len(shorter) // 2],
-                           aspect=sorted(longer)[len(longer) // 2], grayscale=all(grey))
+                           aspect=sorted(longer)[len(longer) // 2], grayscale=all(grey),
+                           validation_apart=self.validation_folder is not None)
 
     def pack(self, out_dir: Path, jpeg_quality: int | None, workers: int, test: bool = False):
         from vitlab.data import shards

@@ -1,4 +1,4 @@
-"""A planned run (`vitlab train --preset auto`, or no preset, config file or key=value): the data's
+"""A planned run (`vitlab train --preset auto`, or no preset or config file): the data's
 summary and this machine's measured speed, through the rules (planning/rules.py), to the settings
 of a run. The settings take the place of a preset: a config file, flags and key=value go on top.
 The plan is printed before training and written beside the run's config.yaml as plan.yaml."""

@@ -12,6 +12,7 @@ costs little more than a small one (16 times the pixels at 128 px, 1.8-1.9 times
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -43,6 +44,10 @@ def resolutions(summary: DataSummary) -> list[int]:
 
 
 def train_images(summary: DataSummary, val_fraction: float) -> int:
+    """The images a run trains on: all of them where the validation images are a set apart (a
+    folder's sibling val/), else all but the held-out fraction."""
+    if summary.validation_apart:
+        return summary.images
     return summary.images - round(summary.images * val_fraction)
 
 
@@ -126,8 +131,9 @@ def compiles(seconds: float | None, on_gpu: bool) -> bool:
 def validation_interval(epochs: float | None) -> int:
     """Validate once halfway (and the final weights always): each validation with six test-time
     views costs time the budget would otherwise train with (CIFAR-10, small model, 10 minutes:
-    validating every 3 epochs took 60 s, a tenth of the run)."""
-    return max(1, round((epochs or 2) / 2))
+    validating every 3 epochs took 60 s, a tenth of the run). Rounded up, so that 10.5 epochs
+    validate at 6 and at the end, not at 5, 10 and the end."""
+    return max(1, math.ceil((epochs or 2) / 2))
 
 
 FINE_TUNE_BELOW = 100  # images in the smallest class below which the plan recommends model.init=
@@ -138,8 +144,8 @@ def notes(summary: DataSummary) -> list[str]:
     out = []
     if summary.smallest_class is not None and summary.smallest_class < FINE_TUNE_BELOW:
         out.append(f"only {summary.smallest_class} images in the smallest class: a model trained from scratch "
-                   f"will overfit; starting from trained weights (model.init=timm:NAME or a checkpoint) is "
-                   f"the better road")
+                   f"will overfit; fine-tuning trained weights is the better road: vitlab train --preset "
+                   f"finetune --data ... model.init=CHECKPOINT (or timm:NAME with its model.* settings)")
     if summary.aspect > 1.05:
         out.append(f"images are not square (typical aspect {summary.aspect:.2f}): resized on the shorter side "
                    f"and centre-cropped")
