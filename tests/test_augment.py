@@ -18,6 +18,7 @@ from vitlab.data.augment import (
     flip_crop_rotate,
     mix,
     rand_augment,
+    random_resized_crop_flip,
     tutorial_geometry,
 )
 from vitlab.errors import VitlabError
@@ -265,6 +266,7 @@ def test_no_value_is_read_back_from_the_device():
     are drawn on the CPU, apart from its images and labels."""
     images = torch.empty(16, 3, 32, 32, dtype=torch.uint8, device="meta")
     for out in (rand_augment(images, 2, 9), auto_augment_cifar10(images), tutorial_geometry(images),
+                random_resized_crop_flip(images, 0.25),
                 apply_op(images, torch.zeros(16, dtype=torch.long, device="meta"), torch.zeros(16, device="meta"))):
         assert out.shape == images.shape and out.dtype == torch.uint8
     labels = torch.empty(16, dtype=torch.long, device="meta")
@@ -275,9 +277,9 @@ def test_no_value_is_read_back_from_the_device():
         images.sum().item()  # the check itself: a read does raise
 
 
-def test_tutorial_geometry_draws_crops_and_angles_as_torchvision(monkeypatch):
-    # The parameters each image draws: RandomResizedCrop's box (area 0.8-1 of the image, aspect 0.9-1.1,
-    # anywhere it fits, uniformly) and RandomRotation's angle (uniform in ±30°).
+def drawn_geometry(monkeypatch, augmentation, images: torch.Tensor) -> dict:
+    """The parameters each image of `images` draws in `augmentation` (a name in vitlab.data.augment), as
+    it hands them to flip_crop_rotate: flip, top, left, h, w, angle, each (B,)."""
     from vitlab.data import augment
 
     drawn = {}
@@ -285,7 +287,16 @@ def test_tutorial_geometry_draws_crops_and_angles_as_torchvision(monkeypatch):
                         lambda images, flip, top, left, height, width, angle: drawn.update(
                             flip=flip, top=top, left=left, h=height, w=width, angle=angle) or images)
     torch.manual_seed(0)
-    augment.tutorial_geometry(torch.zeros(4000, 3, 32, 32, dtype=torch.uint8))
+    augmentation(images)
+    return drawn
+
+
+def test_tutorial_geometry_draws_crops_and_angles_as_torchvision(monkeypatch):
+    # The parameters each image draws: RandomResizedCrop's box (area 0.8-1 of the image, aspect 0.9-1.1,
+    # anywhere it fits, uniformly) and RandomRotation's angle (uniform in ±30°).
+    from vitlab.data import augment
+
+    drawn = drawn_geometry(monkeypatch, augment.tutorial_geometry, torch.zeros(4000, 3, 32, 32, dtype=torch.uint8))
     top, left, h, w, angle = drawn["top"], drawn["left"], drawn["h"], drawn["w"], drawn["angle"]
     assert (h <= 32).all() and (w <= 32).all() and (h < 32).any() and (w < 32).any()
     area = h * w / 1024
@@ -328,3 +339,37 @@ def test_mixup_alone_never_cuts():
         mixed, targets = mix(images, labels, 4, 0.8, 0.0)
         lam = targets[0, 0].item()
         torch.testing.assert_close(mixed, images * lam + images.flip(0) * (1 - lam))
+
+
+def test_random_resized_crop_flip_draws_boxes_as_torchvision(monkeypatch):
+    # RandomResizedCrop(scale=(min_scale, 1), ratio=(3/4, 4/3)): area at least min_scale of the image, aspect
+    # in 3/4-4/3, anywhere it fits; mirrored half the time; no rotation.
+    from vitlab.data import augment
+
+    drawn = drawn_geometry(monkeypatch, lambda images: augment.random_resized_crop_flip(images, 0.25),
+                           torch.zeros(4000, 3, 64, 64, dtype=torch.uint8))
+    top, left, h, w = drawn["top"], drawn["left"], drawn["h"], drawn["w"]
+    area = h * w / 64 ** 2
+    assert area.min() > 0.25 - 0.03 and area.max() <= 1.0 and (area < 0.4).mean(dtype=torch.float) > 0.1
+    aspect = w / h
+    assert aspect.min() > 3 / 4 - 0.04 and aspect.max() < 4 / 3 + 0.04
+    assert (aspect < 0.85).any() and (aspect > 1.2).any()
+    assert (top >= 0).all() and (top <= 64 - h).all() and (left >= 0).all() and (left <= 64 - w).all()
+    assert (drawn["angle"] == 0).all() and 0.45 < drawn["flip"].float().mean() < 0.55
+
+
+def test_random_resized_crop_flip_zooms_into_each_image():
+    torch.manual_seed(0)
+    images = sample_images(size=(64, 64))
+    # A box of the whole area is the whole image (where the aspect rounds to 1) or does not fit (torchvision's
+    # fallback: the whole image): mirrored or not, and unchanged by the resampling.
+    whole = random_resized_crop_flip(images.repeat(8, 1, 1, 1), 1.0)
+    for out, image in zip(whole, images.repeat(8, 1, 1, 1)):
+        assert torch.equal(out, image) or torch.equal(out, image.flip(-1))
+    # A smaller box is resized up to the full side: a white square of a quarter of the side grows.
+    square = torch.zeros(400, 1, 64, 64, dtype=torch.uint8)
+    square[..., 24:40, 24:40] = 255
+    out = random_resized_crop_flip(square, 0.25)
+    white = (out > 127).float().mean(dim=(1, 2, 3))
+    assert out.shape == square.shape and out.dtype == torch.uint8
+    assert white.max() > 2 * (16 * 16) / 64 ** 2 and len(torch.unique(out.flatten(1), dim=0)) > 300

@@ -121,6 +121,21 @@ def test_folder_errors_name_the_problem(tmp_path):
         load_image_folder(root, 32, cache)
 
 
+def test_a_folder_too_large_for_the_free_memory_is_refused_before_decoding(tmp_path, monkeypatch):
+    root = write_image_folder(tmp_path / "imgs", per_class=2)  # 6 images: 18,432 bytes at 32 px
+    read = image_files.read_image
+    monkeypatch.setattr(image_files, "available_memory", lambda: 18_000)
+    monkeypatch.setattr(image_files, "read_image", lambda *args: pytest.fail("decoded"))
+    with pytest.raises(VitlabError, match=r"imgs: 6 images at 32 px take 0.0 GiB in memory, more than the 0.0 GiB "
+                                          r"free: train at a smaller side .*vitlab pack"):
+        load_image_folder(root, 32, tmp_path / "cache")
+    monkeypatch.setattr(image_files, "available_memory", lambda: 18_432)  # just enough
+    monkeypatch.setattr(image_files, "read_image", read)
+    assert len(load_image_folder(root, 32, tmp_path / "cache")) == 6
+    monkeypatch.undo()
+    assert image_files.available_memory() is None or image_files.available_memory() > 0
+
+
 def test_corrupt_image_is_named_or_skipped(tmp_path):
     root = write_image_folder(tmp_path / "imgs", per_class=2, fmt="jpg")
     good = (root / "red" / "0.jpg").read_bytes()
@@ -128,7 +143,8 @@ def test_corrupt_image_is_named_or_skipped(tmp_path):
     with pytest.raises(VitlabError, match="truncated.jpg.*--skip-bad-images"):
         load_image_folder(root, 32, tmp_path / "cache")
     image_set = load_image_folder(root, 32, tmp_path / "cache", skip_bad_images=True)
-    assert len(image_set) == 6
+    assert len(image_set) == 6 and image_set.images.shape == (6, 3, 32, 32)
+    assert torch.equal(image_set.images[0], read_image(image_set.paths[0], 32))
 
 
 def test_read_image_rejects_non_images(tmp_path):
@@ -308,11 +324,23 @@ def test_training_batches_go_through_every_augmentation_asked_for_in_order(tmp_p
     assert calls == [] and torch.equal(targets, labels)
 
 
+def test_resized_crop_flip_is_dispatched_with_its_smallest_scale(tmp_path, monkeypatch):
+    from vitlab.data import augment
+
+    calls = []
+    monkeypatch.setattr(augment, "random_resized_crop_flip", lambda images, scale: calls.append(scale) or images)
+    batch = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+    augment.augment_batch(batch, DataConfig(augment="resized-crop-flip", crop_scale=0.5), 32)
+    assert calls == [0.5]
+
+
 def test_augmentation_settings_are_checked():
     for key, value, message in [("randaugment_ops", -1, "data.randaugment_ops must be 0 or more, not -1"),
                                 ("randaugment_magnitude", 31, "data.randaugment_magnitude must be between 0 and 30, not 31"),
                                 ("mixup_alpha", -0.5, "data.mixup_alpha must be 0 or more, not -0.5"),
-                                ("cutmix_alpha", -1.0, "data.cutmix_alpha must be 0 or more, not -1.0")]:
+                                ("cutmix_alpha", -1.0, "data.cutmix_alpha must be 0 or more, not -1.0"),
+                                ("crop_scale", 1.5, "data.crop_scale must be above 0 and at most 1"),
+                                ("augment", "zoom", "data.augment must be one of crop-flip, resized-crop-flip")]:
         with pytest.raises(VitlabError, match=re.escape(message)):
             DataConfig(**{key: value})
 

@@ -55,6 +55,15 @@ def test_resolutions_never_exceed_the_images_own_side():
     assert rules.resolutions(DataSummary(100, 2, 50, side=28, aspect=1.0, grayscale=False)) == [32]
 
 
+def test_resolutions_leave_out_sides_whose_decoded_images_overfill_the_memory():
+    at_128 = 3_430 * 3 * 128 * 128  # bytes: the flowers decoded at 128 px (169 MB)
+    assert rules.resolutions(FLOWERS, free_memory=2 * at_128) == [128, 64, 32]
+    assert rules.resolutions(FLOWERS, free_memory=2 * at_128 - 1) == [64, 32]
+    assert rules.resolutions(FLOWERS, free_memory=1000) == [32]  # nothing fits: the smallest, which says so
+    grey = DataSummary(3_430, 5, 579, side=128, aspect=1.0, grayscale=True)  # a third of the bytes
+    assert rules.resolutions(grey, free_memory=2 * at_128 // 3) == [128, 64, 32]
+
+
 def test_the_largest_side_then_the_largest_shape_that_gets_its_epochs():
     n_train = 45_000
     assert rules.TARGET_EPOCHS == 15
@@ -198,10 +207,21 @@ def test_a_long_budget_compiles_and_counts_the_compiled_speed(tmp_path):
                      speed=lambda c, b: 100.0).settings["trainer"]["compile"] is True
 
 
-def test_a_plan_needs_a_budget(tmp_path):
+def test_a_plan_needs_a_budget_said_before_the_data_is_read(tmp_path, monkeypatch):
     root = write_image_folder(tmp_path / "images", per_class=4)
     with pytest.raises(Exception, match="a planned run needs a budget"):
         make_plan(DataConfig(source=f"folder:{root}"), None, None, speed=lambda c, b: 1.0)
+    monkeypatch.setattr("vitlab.data.sources.download_cifar", lambda *a: pytest.fail("CIFAR downloaded"))
+    with pytest.raises(Exception, match="a planned run needs a budget"):
+        make_plan(DataConfig(source="cifar10", root=str(tmp_path / "data")), None, None, speed=lambda c, b: 1.0)
+
+
+def test_a_plan_says_which_sides_the_free_memory_leaves_out(tmp_path, monkeypatch):
+    root = write_image_folder(tmp_path / "images", per_class=4, size=64)  # 12 images: 147,456 bytes at 64 px
+    monkeypatch.setattr("vitlab.planning.plan.available_memory", lambda: 200_000)
+    plan = make_plan(DataConfig(source=f"folder:{root}"), None, 2, "cpu", speed=lambda c, b: 100.0)
+    assert plan.choice.side == 32 and plan.why[0] == ("64 px left out: its decoded images would take more than "
+                                                      "50% of the free memory")
 
 
 def test_train_without_a_recipe_is_planned_printed_recorded_and_resumed(tmp_path, capsys, monkeypatch):
@@ -253,8 +273,9 @@ def test_key_value_goes_on_top_of_the_plan_and_devices_are_refused(tmp_path, cap
     assert code == 1 and "vitlab's defaults with the key=value settings on top" in err
     assert "training needs a limit" in err
     # info prints a plan without training, and its every setting as key=value to train it elsewhere.
-    code, out, _ = run_cli(capsys, "info", "--preset", "auto", "--data", f"folder:{root}", "--max-epochs", "1")
-    assert code == 0 and "plan:" in out
+    code, out, _ = run_cli(capsys, "info", "--preset", "auto", "--data", f"folder:{root}", "--max-epochs", "1",
+                           "--accelerator", "cpu")
+    assert code == 0 and "plan:" in out and "measured on cpu (fp32)" in out
     line = next(line for line in out.splitlines() if line.strip().startswith("as key=value:"))
     settings = configs.resolve(overrides=dict(configs.parse_override(t) for t in line.split(":", 1)[1].split()))
     assert settings.model.tokenizer == "conv" and settings.trainer.val_tta == "flip-shift"

@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-time", help="with --preset auto: the time budget, HH:MM:SS")
     p.add_argument("--max-epochs", type=int, help="with --preset auto: the epoch budget")
     p.add_argument("--val-fraction", type=float, help="with --preset auto: the held-out fraction")
+    p.add_argument("--accelerator", default="auto", choices=["cpu", "gpu", "auto"],
+                   help="with --preset auto: where the plan's run would train (default: auto)")
     return parser
 
 
@@ -222,7 +224,7 @@ def cmd_info(args):
             raise VitlabError("info --preset auto needs --data (and --max-time or --max-epochs): the plan is made for them")
         data = configs.resolve(flags={"data": {"source": args.data, **({"val_fraction": args.val_fraction}
                                                                        if args.val_fraction is not None else {})}}).data
-        plan = make_plan(data, args.max_time, args.max_epochs)
+        plan = make_plan(data, args.max_time, args.max_epochs, args.accelerator)
         print("plan:", *plan.lines(), sep="\n  ")
         # Every setting, as the key=value that trains it elsewhere (e.g. with --devices: a planned
         # run trains in one process).

@@ -28,7 +28,7 @@ from vitlab.model import ViTConfig
 PRESETS_DIR = Path(__file__).parent / "presets"
 CIFAR_NAMES = ("cifar10", "cifar100")
 SOURCES_HELP = "cifar10, cifar100, fake[:N], folder:PATH or shards:DIR_OR_URL"
-AUGMENTATIONS = ("crop-flip", "tutorial", "none")  # data.augment (vitlab.data.augment)
+AUGMENTATIONS = ("crop-flip", "resized-crop-flip", "tutorial", "none")  # data.augment (vitlab.data.augment)
 TTA_NAMES = ("none", "flip", "flip-shift")  # trainer.val_tta, eval --tta (vitlab.evaluation.TTA_VIEWS)
 LOGGER_NAMES = ("tensorboard", "csv", "mlflow", "wandb")  # trainer.loggers (vitlab.training.tracking)
 
@@ -42,10 +42,11 @@ class DataConfig:
     split_seed: int = 0  # fixes the held-out part, independently of the training seed
     batch_size: int = 128
     num_workers: int = 0  # loader processes decoding streamed (shards:) data; in-memory data needs none
-    augment: str = "crop-flip"  # batched on the training device, first: crop-flip (translate + flip) | tutorial
-    # (flip, resized crop, rotation ±30°) | none
+    augment: str = "crop-flip"  # batched on the training device, first: crop-flip (translate + flip) |
+    # resized-crop-flip (RandomResizedCrop + flip) | tutorial (flip, resized crop, rotation ±30°) | none
     crop_padding: int | None = None  # crop-flip translates images by up to this many pixels; None = an eighth
     # of the image side (4 px at 32, 16 px at 128: the same share of the picture at every resolution)
+    crop_scale: float = 0.25  # resized-crop-flip's smallest box, as a share of the image's area
     autoaugment: bool = False  # then AutoAugment's CIFAR-10 policy (as torchvision's)
     randaugment_ops: int = 0  # then RandAugment with this many ops per image (0 = off; as torchvision's)
     randaugment_magnitude: int = 9  # RandAugment's magnitude, 0-30
@@ -59,6 +60,9 @@ class DataConfig:
             raise VitlabError(f"data.augment must be one of {', '.join(AUGMENTATIONS)}, not '{self.augment}'")
         if self.crop_padding is not None and self.crop_padding < 0:
             raise VitlabError(f"data.crop_padding must be 0 or more, not {self.crop_padding}")
+        if not 0 < self.crop_scale <= 1:
+            raise VitlabError(f"data.crop_scale must be above 0 and at most 1 (a share of the image's area), "
+                              f"not {self.crop_scale}")
         if self.randaugment_ops < 0:
             raise VitlabError(f"data.randaugment_ops must be 0 or more, not {self.randaugment_ops}")
         if not 0 <= self.randaugment_magnitude <= 30:

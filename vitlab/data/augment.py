@@ -4,6 +4,7 @@ Everything here works on a whole batch at once, with no per-image Python and not
 the host (each image's random choices are tensors, applied with torch.where, gathers and one
 grid_sample), so that augmenting never makes a GPU wait:
 - `random_crop_flip`: random translation with reflect padding + horizontal flip, one uint8 gather;
+- `random_resized_crop_flip`: RandomResizedCrop + horizontal flip as one resampling;
 - `tutorial_geometry`: the tutorial's flip, resized crop and rotation ±30° as one resampling;
 - an op library with torchvision.transforms.v2's semantics (`apply_op` and the ops it dispatches to),
   and on it `rand_augment` and `auto_augment_cifar10`: torchvision's RandAugment and AutoAugment
@@ -398,13 +399,21 @@ def tutorial_geometry(images: torch.Tensor) -> torch.Tensor:
     image and one bilinear resampling. torchvision resamples twice (a bilinear resize, then a nearest
     rotation); composing them into one changes only the interpolation, not the geometry. The crop is
     resized to (H, W), the same shape (torchvision's size=H makes it H x H: the same for square images)."""
+    B = len(images)
+    flip = torch.rand(B, device=images.device) < 0.5
+    box = resized_crop_boxes(images, (0.8, 1.0), (0.9, 1.1))
+    angle = torch.empty(B, device=images.device).uniform_(-30.0, 30.0)
+    return flip_crop_rotate(images, flip, *box, angle)
+
+
+def resized_crop_boxes(images: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float]):
+    """RandomResizedCrop's boxes for a batch (B, C, H, W): (top, left, height, width), each (B,). As
+    torchvision: area a uniform share `scale` of the image's, aspect log-uniform in `ratio`, the first of
+    10 draws whose box fits in the image (all 10 drawn for every image), else the whole image."""
     B, _, H, W = images.shape
     device = images.device
-    flip = torch.rand(B, device=device) < 0.5
-    # RandomResizedCrop takes the first of 10 (area, aspect) draws whose box fits in the image, else the
-    # whole image: all 10 are drawn for every image and the first that fits picked.
-    area = torch.empty(B, 10, device=device).uniform_(0.8, 1.0) * (H * W)
-    aspect = torch.empty(B, 10, device=device).uniform_(math.log(0.9), math.log(1.1)).exp_()
+    area = torch.empty(B, 10, device=device).uniform_(*scale) * (H * W)
+    aspect = torch.empty(B, 10, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp_()
     w, h = (area * aspect).sqrt_().round_(), (area / aspect).sqrt_().round_()  # (B, 10)
     fits = (w <= W) & (h <= H)
     first = fits.int().argmax(dim=1, keepdim=True)  # (B, 1) the first try that fits
@@ -412,8 +421,18 @@ def tutorial_geometry(images: torch.Tensor) -> torch.Tensor:
     h = torch.where(fits.any(dim=1), h.gather(1, first).squeeze(1), H)
     top = (torch.rand(B, device=device) * (H - h + 1)).floor_()
     left = (torch.rand(B, device=device) * (W - w + 1)).floor_()
-    angle = torch.empty(B, device=device).uniform_(-30.0, 30.0)
-    return flip_crop_rotate(images, flip, top, left, h, w, angle)
+    return top, left, h, w
+
+
+def random_resized_crop_flip(images: torch.Tensor, min_scale: float) -> torch.Tensor:
+    """Batched RandomResizedCrop(scale=(min_scale, 1), ratio=(3/4, 4/3)) and horizontal flip: each image a
+    box of its own resized back to the full side, mirrored or not, in one bilinear resampling. A zoom as
+    well as a translation: the augmentation of photos at larger sides (timm's and DeiT's, with a larger
+    min_scale for short runs from scratch)."""
+    B = len(images)
+    flip = torch.rand(B, device=images.device) < 0.5
+    box = resized_crop_boxes(images, (min_scale, 1.0), (3 / 4, 4 / 3))
+    return flip_crop_rotate(images, flip, *box, torch.zeros(B, device=images.device))
 
 
 def _one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -452,6 +471,8 @@ def augment_batch(images: torch.Tensor, config: DataConfig, image_size: int) -> 
     """A uint8 training batch (B, C, H, W) augmented as data.augment, autoaugment and randaugment_* say."""
     if config.augment == "crop-flip":
         images = random_crop_flip(images, crop_padding(config, image_size))
+    elif config.augment == "resized-crop-flip":
+        images = random_resized_crop_flip(images, config.crop_scale)
     elif config.augment == "tutorial":
         images = tutorial_geometry(images)
     if config.autoaugment:

@@ -238,6 +238,7 @@ def load_image_folder(root: Path, image_size: int, cache_dir: Path, skip_bad_ima
     is noted on stderr and replaced.
     """
     classes, samples = list_image_folder(root)
+    check_fits_in_memory(root, len(samples), channels, image_size)
     grey = "|grey" if channels == 1 else ""  # (RGB caches keep the key they had)
     key = hashlib.sha1(f"{DECODER_VERSION}|{root.resolve()}|{image_size}|{skip_bad_images}{grey}".encode())
     for path, _ in samples:
@@ -256,13 +257,36 @@ def load_image_folder(root: Path, image_size: int, cache_dir: Path, skip_bad_ima
     return ImageSet(decoded["images"], torch.tensor([label_of[p] for p in paths]), classes, paths)
 
 
+def available_memory() -> int | None:
+    """Bytes of memory free for new allocations (Linux's MemAvailable); None where the system does not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fits_in_memory(root: Path, count: int, channels: int, image_size: int):
+    """Refuse, in a line, a folder whose decoded images would not fit in the free memory (rather than
+    let the system kill the process halfway through decoding)."""
+    need, free = count * channels * image_size ** 2, available_memory()
+    if free is not None and need > free:
+        raise VitlabError(f"data folder {root}: {count:,} images at {image_size} px take {need / 2**30:.1f} GiB in "
+                          f"memory, more than the {free / 2**30:.1f} GiB free: train at a smaller side "
+                          f"(model.image_size) or pack the folder (vitlab pack) and stream it (--data shards:DIR)")
+
+
 def decode_folder(root: Path, samples: list[tuple[Path, int]], image_size: int, skip_bad_images: bool,
                   channels: int = 3) -> dict:
-    """{'images': uint8 (N, channels, S, S), 'paths': [file of each image]}: the listed files decoded."""
-    images, paths, bad = [], [], []
+    """{'images': uint8 (N, channels, S, S), 'paths': [file of each image]}: the listed files decoded,
+    straight into one tensor (no list of images to stack: the memory of the set once, not twice)."""
+    images = torch.empty((len(samples), channels, image_size, image_size), dtype=torch.uint8)
+    paths, bad = [], []
     for path, _ in progress(samples, len(samples), "decoding"):
         try:
-            images.append(read_image(path, image_size, channels))
+            images[len(paths)] = read_image(path, image_size, channels)
         except VitlabError as e:
             if not skip_bad_images:
                 raise VitlabError(f"{e} (use --skip-bad-images to skip unreadable images)") from None
@@ -271,9 +295,10 @@ def decode_folder(root: Path, samples: list[tuple[Path, int]], image_size: int, 
         paths.append(str(path))
     if bad:
         print(f"skipped {len(bad)} unreadable images, e.g. {bad[0]}", file=sys.stderr)
-    if not images:
+    if not paths:
         raise VitlabError(f"data folder {root} has no readable images")
-    return {"images": torch.stack(images), "paths": paths}
+    # Skipped images leave unused rows: a copy of the rest (torch.save would write a view's whole storage).
+    return {"images": images[:len(paths)].clone() if bad else images, "paths": paths}
 
 
 def read_cache(cache_file: Path, label_of: dict[str, int], shape: tuple[int, int, int],

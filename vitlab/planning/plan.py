@@ -15,6 +15,7 @@ import torch
 from vitlab import config as configs
 from vitlab.config import DataConfig
 from vitlab.data.augment import augment_batch
+from vitlab.data.images import available_memory
 from vitlab.data.sources import DataSummary, open_source
 from vitlab.errors import VitlabError
 from vitlab.model import ViT, ViTConfig
@@ -49,7 +50,7 @@ class Plan:
         s, c, m = self.summary, self.choice, self.settings["model"]
         model = ViT(ViTConfig(**{**m, "num_classes": s.classes}))
         d = self.settings["data"]
-        augment = "crop-flip" + (f" + RandAugment {d['randaugment_ops']} ops" if d.get("randaugment_ops") else "")
+        augment = d["augment"] + (f" + RandAugment {d['randaugment_ops']} ops" if d.get("randaugment_ops") else "")
         epochs = f"~{c.epochs:.0f} epochs in {self.budget}" if c.epochs is not None else self.budget
         grey = ", grayscale" if s.grayscale else ""
         compiled_on_cpu = self.settings["trainer"]["compile"] and self.device.startswith("cpu")
@@ -83,9 +84,10 @@ def make_plan(data: DataConfig, max_time: str | None, max_epochs: int | None, ac
     measures training images/s (default: the probe, on the accelerator the run will use, with the
     plan's augmentation)."""
     start = time.perf_counter()
-    summary = open_source(data, rules.RESOLUTIONS[0]).summary()  # first: a bad source says what is wrong with it
-    if max_time is None and max_epochs is None:
+    if max_time is None and max_epochs is None:  # said before the source is read (or CIFAR downloaded)
         raise VitlabError("a planned run needs a budget: --max-time HH:MM:SS or --max-epochs N")
+    source = open_source(data, rules.RESOLUTIONS[0])
+    summary = source.summary()  # a bad source says what is wrong with it
     n_train = rules.train_images(summary, data.val_fraction)
     batch = rules.batch_size(n_train)
     on_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
@@ -110,7 +112,9 @@ def make_plan(data: DataConfig, max_time: str | None, max_epochs: int | None, ac
             eager[shape, side] = measure(ViTConfig(**settings, num_classes=summary.classes), batch)
         return eager[shape, side]
 
-    sides = rules.resolutions(summary)
+    sides = rules.resolutions(summary, None if source.streams else available_memory())  # streams: never all held
+    too_large = [f"{side} px left out: its decoded images would take more than {rules.MEMORY_SHARE:.0%} of the "
+                 f"free memory" for side in rules.resolutions(summary) if side not in sides]
     seconds = configs.parse_duration(max_time).total_seconds() if max_time is not None else None
     # Compiled when the run is long enough to repay it: a time budget says; epochs last as long as
     # they take the large model at the largest side (what an epoch budget trains).
@@ -119,6 +123,7 @@ def make_plan(data: DataConfig, max_time: str | None, max_epochs: int | None, ac
     gain = COMPILE_GAIN if compiled and not on_gpu else 1.0
     choice, why = rules.choose_model(sides, lambda shape, side: eager_speed(shape, side) * gain, n_train, batch,
                                      seconds, max_epochs)
+    why = too_large + why
     speeds = {f"{shape} at {side} px": round(ips * gain, 1) for (shape, side), ips in eager.items()}
     settings = {
         "model": rules.model_settings(choice.shape, choice.side, channels),
