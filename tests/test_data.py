@@ -132,7 +132,7 @@ def test_a_folder_too_large_for_the_free_memory_is_refused_before_decoding(tmp_p
     monkeypatch.setattr(image_files, "available_memory", lambda: 18_432)  # just enough
     monkeypatch.setattr(image_files, "read_image", read)
     assert len(load_image_folder(root, 32, tmp_path / "cache")) == 6
-    monkeypatch.undo()
+    monkeypatch.undo()  # the real reading of the free memory
     assert image_files.available_memory() is None or image_files.available_memory() > 0
 
 

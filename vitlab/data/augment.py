@@ -374,19 +374,21 @@ def auto_augment_cifar10(images: torch.Tensor) -> torch.Tensor:
 
 
 def flip_crop_rotate(images: torch.Tensor, flip: torch.Tensor, top: torch.Tensor, left: torch.Tensor,
-                     height: torch.Tensor, width: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+                     height: torch.Tensor, width: torch.Tensor, angle: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 images (B, C, H, W), each mirrored left-right where flip, cropped to the box (top, left, height,
-    width) resized to (H, W), rotated by angle degrees counter-clockwise (fill 0): one map per image, one
-    bilinear resampling. All (B,) tensors."""
+    width) resized to (H, W), rotated by angle degrees counter-clockwise (fill 0; None: not rotated): one
+    map per image, one bilinear resampling. All (B,) tensors."""
     H, W = images.shape[-2:]
-    r = torch.deg2rad(angle.double())
-    cos, sin = r.cos(), r.sin()
     sx, sy = width.double() / W, height.double() / H  # the box's size over the output's
+    r = torch.deg2rad(angle.double()) if angle is not None else torch.zeros_like(sx)
+    cos, sin = r.cos(), r.sin()
     cx, cy = (left + width / 2 - W / 2).double(), (top + height / 2 - H / 2).double()  # its centre, from the image's
     mirror = torch.where(flip, -1.0, 1.0).double()
     # From an output pixel: undo the rotation, then the resize (about the box's centre), then the mirror.
     theta = _matrix(mirror * sx * cos, -mirror * sx * sin, mirror * cx, sy * sin, sy * cos, cy)
     out = affine(images, theta, "bilinear")
+    if angle is None:  # a box inside the image uncovers nothing
+        return out
     # torchvision rotates the resized crop: what the rotation uncovers is 0, also where the image goes on
     # beyond the box.
     uncovered = (_grid(rotate_matrix(angle, H, W), H, W).abs() > 1).any(dim=-1)  # (B, H, W)
@@ -432,7 +434,7 @@ def random_resized_crop_flip(images: torch.Tensor, min_scale: float) -> torch.Te
     B = len(images)
     flip = torch.rand(B, device=images.device) < 0.5
     box = resized_crop_boxes(images, (min_scale, 1.0), (3 / 4, 4 / 3))
-    return flip_crop_rotate(images, flip, *box, torch.zeros(B, device=images.device))
+    return flip_crop_rotate(images, flip, *box)
 
 
 def _one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -268,10 +268,15 @@ def available_memory() -> int | None:
     return None
 
 
+def decoded_bytes(count: int, channels: int, image_size: int) -> int:
+    """The memory `count` images take decoded (uint8, channels x image_size x image_size each)."""
+    return count * channels * image_size ** 2
+
+
 def check_fits_in_memory(root: Path, count: int, channels: int, image_size: int):
     """Refuse, in a line, a folder whose decoded images would not fit in the free memory (rather than
     let the system kill the process halfway through decoding)."""
-    need, free = count * channels * image_size ** 2, available_memory()
+    need, free = decoded_bytes(count, channels, image_size), available_memory()
     if free is not None and need > free:
         raise VitlabError(f"data folder {root}: {count:,} images at {image_size} px take {need / 2**30:.1f} GiB in "
                           f"memory, more than the {free / 2**30:.1f} GiB free: train at a smaller side "

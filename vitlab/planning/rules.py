@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+from vitlab.data.images import decoded_bytes
 from vitlab.data.sources import DataSummary
 
 # The model ladder, largest first: (name, dim, depth, heads, first conv stage's channels at 32 px).
@@ -47,7 +48,7 @@ def resolutions(summary: DataSummary, free_memory: int | None = None) -> list[in
     channels = 1 if summary.grayscale else 3
 
     def fits(side: int) -> bool:
-        return free_memory is None or summary.images * channels * side ** 2 <= MEMORY_SHARE * free_memory
+        return free_memory is None or decoded_bytes(summary.images, channels, side) <= MEMORY_SHARE * free_memory
 
     return [s for s in reversed(RESOLUTIONS) if s <= summary.side and fits(s)] or [RESOLUTIONS[0]]
 
